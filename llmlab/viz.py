@@ -1,0 +1,100 @@
+"""Figures the notebooks share (matplotlib only, no global state changed).
+
+The pipeline diagram is drawn in notebook 00; token strips in notebook 01;
+later notebooks add heatmaps, scatter plots and bar breakdowns here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+PIPELINE: list[tuple[str, str]] = [
+    ("text", "01"),
+    ("tokens", "01"),
+    ("token ids", "01"),
+    ("embeddings", "02"),
+    ("+ positions", "03"),
+    ("Q / K / V", "04"),
+    ("attention", "04"),
+    ("causal mask", "05"),
+    ("FFN + norm\n+ residual", "06"),
+    ("× N blocks", "06"),
+    ("LM head →\nlogits", "06"),
+    ("softmax →\nsample", "08"),
+    ("next token", "08"),
+]
+"""The course's pipeline, stage by stage, with the notebook that teaches each stage."""
+
+TOKEN_COLOURS = ["#fde2e4", "#e2ece9", "#dfe7fd", "#fff1c1", "#e8dff5", "#d8f3dc", "#fce1c8", "#cddafd"]
+"""Pastel backgrounds that alternate between neighbouring tokens."""
+
+
+def pipeline_diagram(highlight: str | None = None, per_row: int = 7):
+    """Draw text → … → next token as boxes and arrows; ``highlight`` names one stage to colour.
+
+    The arrow from the last stage loops back to the start: generation appends the
+    new token and runs again.
+    """
+    names = [name for name, _ in PIPELINE]
+    if highlight is not None and highlight not in names:
+        raise ValueError(f"unknown stage {highlight!r}; stages are {names}.")
+    rows = (len(PIPELINE) + per_row - 1) // per_row
+    fig, ax = plt.subplots(figsize=(1.75 * per_row, 1.7 * rows + 0.4))
+    ax.set_xlim(-0.1, per_row * 1.5)
+    ax.set_ylim(-rows * 1.6 + 0.4, 1.0)
+    ax.axis("off")
+    centres = []
+    for i, (name, notebook) in enumerate(PIPELINE):
+        row, col = divmod(i, per_row)
+        if row % 2:  # snake back so arrows stay short
+            col = per_row - 1 - col
+        x, y = col * 1.5 + 0.6, -row * 1.6
+        colour = "#ffd166" if name == highlight else "#e9f1fb"
+        ax.add_patch(
+            FancyBboxPatch((x - 0.6, y - 0.4), 1.2, 0.8, boxstyle="round,pad=0.02,rounding_size=0.12", fc=colour, ec="#33415c")
+        )
+        ax.text(x, y + 0.05, name, ha="center", va="center", fontsize=9)
+        ax.text(x, y - 0.3, f"nb {notebook}", ha="center", va="center", fontsize=7, color="#5c677d")
+        centres.append((x, y))
+    for (x0, y0), (x1, y1) in zip(centres, centres[1:]):
+        if y0 == y1:
+            start, end = (x0 + 0.6 * (1 if x1 > x0 else -1), y0), (x1 - 0.6 * (1 if x1 > x0 else -1), y1)
+        else:
+            start, end = (x0, y0 - 0.4), (x1, y1 + 0.4)
+        ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=12, color="#33415c"))
+    (xl, yl), (xf, yf) = centres[-1], centres[0]
+    ax.add_patch(
+        FancyArrowPatch((xl - 0.6, yl), (xf, yf - 0.4), connectionstyle="arc3,rad=-0.3", arrowstyle="-|>",
+                        mutation_scale=12, color="#c1121f", linestyle="--")
+    )
+    ax.text(xf - 0.55, (yl + yf) / 2 - 0.55, "append the token\nand repeat\n(08; 09: KV cache)",
+            ha="left", va="center", fontsize=7.5, color="#c1121f")
+    fig.tight_layout()
+    return fig
+
+
+def token_strip(pieces: Sequence[str], ids: Sequence[int] | None = None, ax=None, title: str | None = None,
+                per_line: int = 12):
+    """Draw tokens as coloured boxes (with their ids underneath), wrapping after ``per_line`` tokens."""
+    if ids is not None and len(ids) != len(pieces):
+        raise ValueError(f"{len(pieces)} pieces but {len(ids)} ids: pass one id per piece.")
+    lines = max(1, (len(pieces) + per_line - 1) // per_line)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(min(per_line, max(len(pieces), 1)) * 0.95 + 0.5, 0.85 * lines + 0.3))
+    ax.set_xlim(0, per_line)
+    ax.set_ylim(-lines, 0.1)
+    ax.axis("off")
+    for i, piece in enumerate(pieces):
+        row, col = divmod(i, per_line)
+        label = piece.replace("\n", "↵").replace(" ", "␣") or "∅"
+        ax.add_patch(FancyBboxPatch((col + 0.04, -row - 0.55), 0.92, 0.5, boxstyle="round,pad=0.01",
+                                    fc=TOKEN_COLOURS[i % len(TOKEN_COLOURS)], ec="#8d99ae", lw=0.6))
+        ax.text(col + 0.5, -row - 0.3, label, ha="center", va="center", fontsize=8)
+        if ids is not None:
+            ax.text(col + 0.5, -row - 0.75, str(ids[i]), ha="center", va="center", fontsize=7, color="#5c677d")
+    if title:
+        ax.set_title(title, fontsize=10, loc="left")
+    return ax
