@@ -4,6 +4,9 @@ The course in ``course/`` teaches each module; the package is what the
 notebooks import, extend and finally run as a text generator.
 """
 
+from llmlab import calc
+from llmlab.config import ModelConfig, get_config
+from llmlab.model import Transformer
 from llmlab.notebook import check, figures_dir, save_figure, show
 from llmlab.runtime import device, environment_report, fast_mode, pick, seed_everything, triton_available
 
@@ -11,6 +14,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "ModelConfig",
+    "Transformer",
+    "calc",
+    "get_config",
     "check",
     "device",
     "environment_report",

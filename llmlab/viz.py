@@ -98,3 +98,102 @@ def token_strip(pieces: Sequence[str], ids: Sequence[int] | None = None, ax=None
     if title:
         ax.set_title(title, fontsize=10, loc="left")
     return ax
+
+
+def _as_array(values):
+    """A float NumPy array from a tensor, an array or nested lists."""
+    import numpy as np
+
+    if hasattr(values, "detach"):
+        values = values.detach().float().cpu().numpy()
+    return np.asarray(values, dtype=float)
+
+
+def heatmap(matrix, row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None, ax=None,
+            title: str | None = None, cmap: str = "viridis", annotate: bool | None = None, fmt: str = ".2f",
+            colorbar: bool = True, vmin: float | None = None, vmax: float | None = None):
+    """Draw a 2-D array (attention weights, masks, positional tables) with optional labels and values.
+
+    ``-inf`` entries (masked scores) are drawn in grey and annotated as "−∞".
+    ``annotate`` defaults to True for matrices up to 12 × 12.
+    """
+    import numpy as np
+
+    data = _as_array(matrix)
+    if data.ndim != 2:
+        raise ValueError(f"heatmap needs a 2-D matrix, got shape {data.shape}.")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(min(0.6 * data.shape[1] + 2, 10), min(0.5 * data.shape[0] + 1.2, 8)))
+    shown = np.ma.masked_invalid(np.where(np.isneginf(data), np.nan, data))
+    colours = plt.get_cmap(cmap).with_extremes(bad="#d9d9d9")
+    image = ax.imshow(shown, cmap=colours, aspect="auto", vmin=vmin, vmax=vmax)
+    if row_labels is not None:
+        ax.set_yticks(range(len(row_labels)), row_labels)
+    if col_labels is not None:
+        ax.set_xticks(range(len(col_labels)), col_labels, rotation=45 if max(map(len, col_labels), default=0) > 3 else 0,
+                      ha="right" if max(map(len, col_labels), default=0) > 3 else "center")
+    if annotate is None:
+        annotate = data.shape[0] <= 12 and data.shape[1] <= 12
+    if annotate:
+        finite = data[np.isfinite(data)]
+        middle = (finite.max() + finite.min()) / 2 if finite.size else 0.0
+        for (i, j), value in np.ndenumerate(data):
+            label = "−∞" if np.isneginf(value) else format(value, fmt)
+            colour = "black" if np.isneginf(value) or value > middle else "white"
+            ax.text(j, i, label, ha="center", va="center", fontsize=8, color=colour)
+    if colorbar:
+        ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+def scatter_2d(points, labels: Sequence[str], ax=None, title: str | None = None, colour: str = "#4c78a8",
+               arrows: Sequence[tuple[int, int]] = ()):
+    """Scatter 2-D vectors (e.g. 2-D embeddings) with a text label each, and optional arrows i → j."""
+    import numpy as np
+
+    xy = _as_array(points)
+    if xy.ndim != 2 or xy.shape[1] != 2:
+        raise ValueError(f"scatter_2d needs points of shape [n, 2], got {xy.shape}.")
+    if len(labels) != len(xy):
+        raise ValueError(f"{len(xy)} points but {len(labels)} labels.")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(xy[:, 0], xy[:, 1], color=colour, zorder=3)
+    for (x, y), label in zip(xy, labels):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
+    for i, j in arrows:
+        ax.annotate("", xy=xy[j], xytext=xy[i], arrowprops=dict(arrowstyle="->", color="#c1121f", lw=1.2))
+    ax.axhline(0, color="#bbbbbb", lw=0.6, zorder=0)
+    ax.axvline(0, color="#bbbbbb", lw=0.6, zorder=0)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+def bar_breakdown(breakdown: dict[str, dict[str, float]], ax=None, title: str | None = None, unit: str = "",
+                  log: bool = False, horizontal: bool = True):
+    """Stacked bars: one bar per key of ``breakdown``, one segment per inner key (e.g. parameters per component)."""
+    if not breakdown:
+        raise ValueError("bar_breakdown needs at least one bar.")
+    components = list(dict.fromkeys(c for parts in breakdown.values() for c in parts))
+    names = list(breakdown)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 0.55 * len(names) + 1.5))
+    starts = [0.0] * len(names)
+    palette = plt.get_cmap("tab10")
+    for k, component in enumerate(components):
+        values = [breakdown[n].get(component, 0.0) for n in names]
+        if horizontal:
+            ax.barh(names, values, left=starts, label=component, color=palette(k % 10))
+        else:
+            ax.bar(names, values, bottom=starts, label=component, color=palette(k % 10))
+        starts = [s + v for s, v in zip(starts, values)]
+    if log:
+        (ax.set_xscale if horizontal else ax.set_yscale)("log")
+    (ax.set_xlabel if horizontal else ax.set_ylabel)(unit)
+    ax.legend(fontsize=8, loc="best")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax

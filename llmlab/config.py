@@ -1,0 +1,299 @@
+"""The shape of a model: ``ModelConfig``, its validation, and named presets.
+
+Taught across notebooks 02-06: notebook 02 (embeddings) meets ``vocab_size`` and
+``d_model``, 03 (positions) ``positional`` and ``context_length``, 04 (attention)
+``n_heads``, ``n_kv_heads`` and ``head_dim``, 05 (causal mask) the decoder-only
+setting, and 06 (decoder block / full model) ``norm``, ``mlp``, ``d_ff`` and
+``n_layers``.  The calculators in ``llmlab.calc`` read the same config, so a
+preset such as ``gpt3-175b`` can be sized without allocating a single weight.
+
+This module imports no torch on purpose: a config is plain data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "relu", "swiglu")
+POSITIONALS = ("learned", "sinusoidal", "rope", "none")
+
+# Fields whose ``None`` default is worked out from the others in ``__post_init__``.
+_DERIVED = ("n_kv_heads", "head_dim", "d_ff")
+_POSITIVE_INTS = ("vocab_size", "context_length", "d_model", "n_layers", "n_heads")
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot be built, with a message that says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every number and choice that fixes a decoder-only Transformer's shape.
+
+    Taught in notebooks 02-06 (see the module docstring for which field where).
+    The defaults describe a GPT-2-style model (LayerNorm, GELU, learned
+    positions, biases, tied embeddings); the Llama/Qwen family switches to
+    RMSNorm, SwiGLU, RoPE, no biases.
+
+    Three fields may be left as ``None`` and are filled in on creation:
+    ``n_kv_heads`` becomes ``n_heads`` (plain multi-head attention),
+    ``head_dim`` becomes ``d_model // n_heads``, and ``d_ff`` becomes
+    ``4 * d_model``.  A config is frozen: use ``replace(...)`` to change it.
+    """
+
+    name: str
+    vocab_size: int
+    context_length: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    d_ff: int | None = None
+    norm: str = "layernorm"
+    mlp: str = "gelu"
+    positional: str = "learned"
+    rope_theta: float = 10000.0
+    bias: bool = True
+    tie_embeddings: bool = True
+    qk_norm: bool = False
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    # Which of n_kv_heads / head_dim / d_ff were filled in (so replace() can
+    # recompute them); not a real setting, so it is left out of init, repr, ==.
+    _derived: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_basic_fields(self)
+        derived = set()
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+            derived.add("n_kv_heads")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads != 0:
+                raise ConfigError(_heads_do_not_divide(self.d_model, self.n_heads))
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+            derived.add("head_dim")
+        if self.d_ff is None:
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
+            derived.add("d_ff")
+        object.__setattr__(self, "_derived", frozenset(derived))
+        _check_derived_fields(self)
+
+    # --- convenient read-only figures -------------------------------------------------
+
+    @property
+    def attention_dim(self) -> int:
+        """Width of all query heads together, ``n_heads * head_dim`` (notebook 04)."""
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of all key (or value) heads together, ``n_kv_heads * head_dim`` (notebook 04)."""
+        return self.n_kv_heads * self.head_dim
+
+    # --- changing, saving, loading ----------------------------------------------------
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A new, validated config with ``changes`` applied (notebook 06).
+
+        Fields that were filled in automatically are worked out again, so
+        ``get_config("gpt2-124m").replace(d_model=1024, n_heads=16)`` gets
+        ``head_dim=64`` and ``d_ff=4096``, not the old 64 and 3072 by accident.
+        """
+        _reject_unknown_keys(changes, "replace()")
+        values = self.to_dict()
+        for name in self._derived:
+            values[name] = None
+        values.update(changes)
+        return ModelConfig(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-friendly dict, with derived fields written out (notebook 06)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build (and validate) a config from ``to_dict()``'s output (notebook 06)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"from_dict() needs a dict, got {type(data).__name__}.")
+        _reject_unknown_keys(data, "from_dict()")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        """The config as a JSON string (``from_json`` reads it back)."""
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        """Read a config written by ``to_json``."""
+        return cls.from_dict(json.loads(text))
+
+
+# --- validation ------------------------------------------------------------------------
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(ModelConfig) if f.init]
+
+
+def _reject_unknown_keys(keys: dict[str, Any], where: str) -> None:
+    known = _field_names()
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{where}: unknown config field {key!r}.{hint} Known fields: {', '.join(known)}."
+            )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not _is_int(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{name}={value!r} is not known: use one of {', '.join(choices)}.{hint}")
+
+
+def _check_basic_fields(cfg: ModelConfig) -> None:
+    if not isinstance(cfg.name, str) or not cfg.name:
+        raise ConfigError(f"name must be a non-empty string, got {cfg.name!r}.")
+    for name in _POSITIVE_INTS:
+        _check_positive_int(name, getattr(cfg, name))
+    for name in _DERIVED:
+        value = getattr(cfg, name)
+        if value is not None:
+            _check_positive_int(name, value)
+    _check_choice("norm", cfg.norm, NORMS)
+    _check_choice("mlp", cfg.mlp, MLPS)
+    _check_choice("positional", cfg.positional, POSITIONALS)
+    for name in ("bias", "tie_embeddings", "qk_norm"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ConfigError(f"{name} must be True or False, got {getattr(cfg, name)!r}.")
+    if not isinstance(cfg.rope_theta, (int, float)) or cfg.rope_theta <= 0:
+        raise ConfigError(f"rope_theta must be a positive number, got {cfg.rope_theta!r}.")
+    if not isinstance(cfg.norm_eps, (int, float)) or not 0 < cfg.norm_eps < 1:
+        raise ConfigError(f"norm_eps must be a small positive number such as 1e-5, got {cfg.norm_eps!r}.")
+    if not isinstance(cfg.dropout, (int, float)) or not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout!r}; use 0.0 to turn it off.")
+
+
+def _check_derived_fields(cfg: ModelConfig) -> None:
+    if cfg.n_heads % cfg.n_kv_heads != 0:
+        raise ConfigError(
+            f"n_heads={cfg.n_heads} is not divisible by n_kv_heads={cfg.n_kv_heads}: each key/value "
+            f"head serves an equal group of query heads, so pick n_kv_heads among the divisors of "
+            f"n_heads ({', '.join(map(str, _divisors(cfg.n_heads)))})."
+        )
+    if cfg.positional == "rope" and cfg.head_dim % 2 != 0:
+        raise ConfigError(
+            f"RoPE rotates pairs of numbers, so head_dim must be even; got head_dim={cfg.head_dim}. "
+            "Change d_model or n_heads (or set head_dim), or use another positional encoding."
+        )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _heads_do_not_divide(d_model: int, n_heads: int) -> str:
+    # Suggest the next divisors up (more heads), falling back to the nearest ones below.
+    above = [d for d in _divisors(d_model) if d > n_heads]
+    below = [d for d in _divisors(d_model) if d < n_heads]
+    nearest = (above + below[::-1])[:2]
+    options = " or ".join(str(d) for d in sorted(nearest))
+    return (
+        f"d_model={d_model} is not divisible by n_heads={n_heads}: pick n_heads that divides "
+        f"d_model (e.g. {options}), or set head_dim explicitly."
+    )
+
+
+# --- presets ---------------------------------------------------------------------------
+
+
+def _gpt2(name: str, d_model: int, n_layers: int, n_heads: int, context_length: int = 1024) -> ModelConfig:
+    """GPT-2 family (and GPT-3): learned positions, LayerNorm, GELU, biases, tied LM head."""
+    return ModelConfig(
+        name=name, vocab_size=50257, context_length=context_length,
+        d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+        norm="layernorm", mlp="gelu", positional="learned",
+        bias=True, tie_embeddings=True, norm_eps=1e-5,
+    )
+
+
+def _llama3(name: str, d_model: int, n_layers: int, n_heads: int, d_ff: int) -> ModelConfig:
+    """Llama 3 family: RMSNorm, SwiGLU, RoPE (theta 500,000), GQA with 8 KV heads, no biases."""
+    return ModelConfig(
+        name=name, vocab_size=128256, context_length=8192,
+        d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=8, d_ff=d_ff,
+        norm="rmsnorm", mlp="swiglu", positional="rope", rope_theta=500000.0,
+        bias=False, tie_embeddings=False, norm_eps=1e-5,
+    )
+
+
+_PRESET_LIST = [
+    # The model the course trains on a CPU (notebook 06 onwards).
+    ModelConfig(
+        name="course-tiny", vocab_size=1024, context_length=256,
+        d_model=256, n_layers=4, n_heads=4,
+        norm="layernorm", mlp="gelu", positional="learned", bias=True, tie_embeddings=True,
+    ),
+    # Same size, Llama style.  SwiGLU has three matrices, so d_ff = 8/3 * 256 = 683,
+    # rounded up to a multiple of 16 (688) keeps the MLP's parameter count comparable.
+    ModelConfig(
+        name="course-tiny-llama", vocab_size=1024, context_length=256,
+        d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=688,
+        norm="rmsnorm", mlp="swiglu", positional="rope", bias=False, tie_embeddings=True,
+    ),
+    _gpt2("gpt2-124m", 768, 12, 12),
+    _gpt2("gpt2-355m", 1024, 24, 16),
+    _gpt2("gpt2-774m", 1280, 36, 20),
+    _gpt2("gpt2-1558m", 1600, 48, 25),
+    _gpt2("gpt3-175b", 12288, 96, 96, context_length=2048),
+    _llama3("llama3-8b", 4096, 32, 32, 14336),
+    _llama3("llama3-70b", 8192, 80, 64, 28672),
+    ModelConfig(
+        name="qwen3-0.6b", vocab_size=151936, context_length=40960,
+        d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128, d_ff=3072,
+        norm="rmsnorm", mlp="swiglu", positional="rope", rope_theta=1_000_000.0,
+        bias=False, tie_embeddings=True, qk_norm=True, norm_eps=1e-6,
+    ),
+    # The "Qwen-style model" of an inference-engine walkthrough (see FACTS.md).
+    ModelConfig(
+        name="qwen-walkthrough", vocab_size=151936, context_length=4096,
+        d_model=4096, n_layers=24, n_heads=32, n_kv_heads=32, head_dim=128, d_ff=11008,
+        norm="rmsnorm", mlp="swiglu", positional="rope", bias=False, tie_embeddings=False,
+    ),
+]
+
+PRESETS: dict[str, ModelConfig] = {cfg.name: cfg for cfg in _PRESET_LIST}
+"""Named configurations: the course's own models and published ones (for the calculators)."""
+
+
+def get_config(name: str, **overrides: Any) -> ModelConfig:
+    """The preset called ``name``, with ``overrides`` applied and validated (notebook 06).
+
+    >>> get_config("course-tiny", n_layers=2).n_layers
+    2
+    """
+    if name not in PRESETS:
+        close = difflib.get_close_matches(str(name), PRESETS, n=1, cutoff=0.4)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"unknown preset {name!r}.{hint} Available presets: {', '.join(PRESETS)}."
+        )
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
