@@ -33,6 +33,13 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("LLMLAB_FAST", "1")
     os.environ.setdefault("MPLBACKEND", "Agg")
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    if getattr(config.option, "numprocesses", None) or os.environ.get("PYTEST_XDIST_WORKER"):
+        # Several workers (and the notebook kernels they start) share the cores: one thread each,
+        # or tiny matrix products slow down a hundredfold from oversubscription.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     tmp = tempfile.mkdtemp(prefix="llmlab-tests-")
     _TMP.append(tmp)
     os.environ.setdefault("LLMLAB_FIGURES_DIR", os.path.join(tmp, "figures"))

@@ -284,7 +284,7 @@ PRESETS: dict[str, ModelConfig] = {cfg.name: cfg for cfg in _PRESET_LIST}
 """Named configurations: the course's own models and published ones (for the calculators)."""
 
 
-def get_config(name: str, **overrides: Any) -> ModelConfig:
+def get_config(name: str, /, **overrides: Any) -> ModelConfig:
     """The preset called ``name``, with ``overrides`` applied and validated (notebook 06).
 
     >>> get_config("course-tiny", n_layers=2).n_layers
