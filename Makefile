@@ -24,10 +24,12 @@ lab: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile --nbval-lax tests course
 
-# Re-execute every notebook in place (full mode) so that the committed outputs are fresh.
+# Re-execute every notebook in place (full mode) so that the committed outputs are fresh,
+# then merge the many small outputs that streamed prints leave behind.
 notebooks: $(STAMP)
 	LLMLAB_FAST=0 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
 		--ExecutePreprocessor.timeout=1800 course/*.ipynb
+	$(VENV)/bin/jupyter nbconvert --to notebook --inplace --coalesce-streams course/*.ipynb
 
 bench: $(STAMP)
 	$(PY) -m llmlab.bench all

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmlab.cache import KVCache
 from llmlab.config import ModelConfig, get_config
 from llmlab.layers.block import DecoderBlock
 from llmlab.layers.embedding import TokenEmbedding
@@ -67,6 +68,8 @@ class Transformer(nn.Module):
             rope = RotaryEmbedding(config.head_dim, config.context_length, config.rope_theta)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(DecoderBlock(config, rope=rope) for _ in range(config.n_layers))
+        for index, block in enumerate(self.blocks):
+            block.attn.layer_idx = index
         self.final_norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.apply(_init_weights)
@@ -85,25 +88,37 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         return_attention: bool = False,
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits for every position of ``ids`` (``[batch, seq]`` token ids), and the loss if ``targets``.
 
         ``targets`` has the shape of ``ids`` (usually ``ids`` shifted left by
         one); entries equal to -100 are ignored.  ``positions`` defaults to
-        ``0..seq-1``.
+        ``0..seq-1`` — after the positions already in ``cache``, if one is given
+        (notebook 09: the cache stores every layer's keys and values, so only
+        the new tokens are computed).  ``attention_mask`` ``[batch, n_keys]``
+        (1 = real token, 0 = padding) covers the cached and the new positions.
         """
         self._check_ids(ids)
+        start = cache.length if cache is not None else 0
         if positions is None:
-            positions = torch.arange(ids.shape[1], device=ids.device)
+            positions = torch.arange(start, start + ids.shape[1], device=ids.device)
         self._check_positions(positions, ids)
+        if attention_mask is not None and attention_mask.shape != (ids.shape[0], start + ids.shape[1]):
+            raise ValueError(f"attention_mask must have shape [batch, cached + new] = "
+                             f"{(ids.shape[0], start + ids.shape[1])}, got {tuple(attention_mask.shape)}.")
         x = self.token_embedding(ids)
         if self.position_embedding is not None:
             x = x + self.position_embedding(positions)
         x = self.dropout(x)
         attentions = []
         for block in self.blocks:
-            x, weights = block(x, positions=positions, return_weights=return_attention)
+            x, weights = block(x, positions=positions, return_weights=return_attention, cache=cache,
+                               key_mask=attention_mask)
             attentions.append(weights)
+        if cache is not None:
+            cache.advance(ids.shape[1])
         logits = self.lm_head(self.final_norm(x))
         loss = None if targets is None else self.loss(logits, targets)
         return ModelOutput(logits, loss, tuple(attentions) if return_attention else None)

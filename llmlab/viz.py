@@ -197,3 +197,47 @@ def bar_breakdown(breakdown: dict[str, dict[str, float]], ax=None, title: str | 
     if title:
         ax.set_title(title, fontsize=10)
     return ax
+
+
+def plot_history(history, ax=None, per_char: float | None = None, title: str = "training"):
+    """Train (every step, smoothed) and evaluation losses against steps (notebook 07).
+
+    ``per_char``: divide losses by this many characters per token to show nats per character.
+    """
+    import numpy as np
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.5))
+    scale = 1.0 / per_char if per_char else 1.0
+    steps = np.asarray(history.step)
+    if len(steps):
+        raw = np.asarray(history.train_loss) * scale
+        window = max(1, len(raw) // 50)
+        smooth = np.convolve(raw, np.ones(window) / window, mode="valid")
+        ax.plot(steps, raw, color="#4c78a8", alpha=0.25, lw=0.8)
+        ax.plot(steps[window - 1:], smooth, color="#4c78a8", label="train (batch)")
+    if history.eval_step:
+        ax.plot(history.eval_step, np.asarray(history.eval_train_loss) * scale, "o-", color="#72b7b2", ms=3,
+                label="train (eval)")
+        ax.plot(history.eval_step, np.asarray(history.eval_val_loss) * scale, "o-", color="#f58518", ms=3,
+                label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per character)" if per_char else "loss (nats per token)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def live_loss_plot(per_char: float | None = None):
+    """A ``Trainer.fit`` callback that redraws the loss curves in place in a notebook."""
+    from IPython.display import display
+
+    handle = display(display_id=True)
+
+    def callback(trainer) -> None:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        plot_history(trainer.history, ax=ax, per_char=per_char, title=f"step {trainer.step}")
+        handle.update(fig)
+        plt.close(fig)
+
+    return callback

@@ -333,3 +333,21 @@ def test_decoder_block_is_pre_norm_residual():
     assert weights is None and torch.allclose(out, expected, atol=1e-6)
     out2, weights = block(x, return_weights=True)
     assert weights.shape == (2, 4, 5, 5) and torch.allclose(out, out2, atol=1e-5)
+
+
+def test_causal_switch_lets_the_future_in():
+    """Notebook 05's deliberate break: with ``causal = False`` an earlier output depends on later tokens."""
+    from llmlab.config import get_config
+    from llmlab.layers import CausalSelfAttention
+
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(get_config("course-tiny").replace(d_model=16, n_heads=2)).eval()
+    x = torch.randn(1, 5, 16)
+    changed = x.clone()
+    changed[0, 4] += 1.0
+    assert torch.allclose(attn(x)[0][0, :4], attn(changed)[0][0, :4])
+    attn.causal = False
+    assert not torch.allclose(attn(x)[0][0, :4], attn(changed)[0][0, :4])
+    fast, _ = attn(x)
+    slow, weights = attn(x, return_weights=True)
+    assert torch.allclose(fast, slow, atol=1e-5) and (weights[0, :, 0, 4] > 0).all()

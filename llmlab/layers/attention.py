@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmlab.cache import KVCache
 from llmlab.config import ModelConfig
 from llmlab.layers.norm import RMSNorm
 from llmlab.layers.positional import RotaryEmbedding
@@ -40,6 +41,25 @@ def causal_mask(
     return ones.tril(diagonal=n_keys - n_queries)
 
 
+def attention_mask(
+    n_queries: int, n_keys: int, key_mask: torch.Tensor | None = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """Where each query may look: causal, and (with ``key_mask``) never at padding (notebook 09).
+
+    ``key_mask`` is ``[batch, n_keys]``, True for real tokens (left-padding in a
+    batch is False).  The result is ``[n_queries, n_keys]`` without ``key_mask``
+    and ``[batch, 1, n_queries, n_keys]`` with it.  A padding query sees only
+    itself, so its (ignored) row is never empty.
+    """
+    allowed = causal_mask(n_queries, n_keys, device=device)
+    if key_mask is None:
+        return allowed
+    itself = torch.zeros(n_queries, n_keys, dtype=torch.bool, device=device)
+    rows = torch.arange(n_queries, device=device)
+    itself[rows, n_keys - n_queries + rows] = True
+    return (allowed & key_mask.bool()[:, None, None, :]) | itself
+
+
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """``[batch, kv_heads, seq, d]`` -> ``[batch, kv_heads * n_rep, seq, d]`` (notebook 04).
 
@@ -50,20 +70,22 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def scaled_dot_product_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention written out step by step; returns ``(out, weights)`` (notebooks 04 and 05).
 
     ``q`` is ``[batch, heads, n_queries, head_dim]``; ``k`` and ``v`` are
     ``[batch, kv_heads, n_keys, head_dim]`` where ``kv_heads`` divides ``heads``
     (fewer key/value heads = GQA/MQA).  ``weights`` is ``[batch, heads, n_queries, n_keys]``.
+    ``mask`` (boolean, True = may look, broadcastable to the weights) replaces the causal mask.
     """
     n_rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-    if causal:
-        allowed = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
-        scores = scores.masked_fill(~allowed, float("-inf"))
+    if mask is None and causal:
+        mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return weights @ v, weights
 
@@ -94,6 +116,10 @@ class CausalSelfAttention(nn.Module):
         if config.positional == "rope" and rope is None:
             rope = RotaryEmbedding(config.head_dim, config.context_length, config.rope_theta)
         self.rope = rope if config.positional == "rope" else None
+        self.layer_idx = 0  # which layer of a KV cache this module reads and writes (set by Transformer)
+        # A decoder is always causal.  Notebook 05 sets this to False on purpose, to show
+        # what a model learns when every token can read the future.
+        self.causal = True
 
     def split_heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
         """``[batch, seq, n_heads * head_dim]`` -> ``[batch, n_heads, seq, head_dim]``."""
@@ -106,14 +132,22 @@ class CausalSelfAttention(nn.Module):
         return x.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor | None = None, return_weights: bool = False
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        return_weights: bool = False,
+        cache: KVCache | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``x`` ``[batch, seq, d_model]`` -> ``(out [batch, seq, d_model], weights or None)``.
 
         ``positions`` (``[seq]`` or ``[batch, seq]``, default ``0..seq-1``) only
         matter with RoPE.  ``return_weights=True`` takes the reference path, so
-        the returned ``[batch, heads, seq, seq]`` weights are the real ones
-        (attention dropout is skipped on that path).
+        the returned ``[batch, heads, seq, n_keys]`` weights are the real ones
+        (attention dropout is skipped on that path).  With a ``cache`` (notebook
+        09) the new keys/values are stored in layer ``self.layer_idx`` and the
+        queries attend to every stored position; ``key_mask`` ``[batch, n_keys]``
+        marks real tokens (False for left-padding).
         """
         q = self.split_heads(self.q_proj(x), self.n_heads)
         k = self.split_heads(self.k_proj(x), self.n_kv_heads)
@@ -124,20 +158,26 @@ class CausalSelfAttention(nn.Module):
             if positions is None:
                 positions = torch.arange(x.shape[1], device=x.device)
             q, k = self.rope(q, positions), self.rope(k, positions)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        mask = None
+        if not self.causal:  # notebook 05's deliberate break: the future is visible
+            mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
+        elif key_mask is not None or q.shape[-2] != k.shape[-2]:
+            mask = attention_mask(q.shape[-2], k.shape[-2], key_mask, device=q.device)
         if return_weights:
-            out, weights = scaled_dot_product_attention_reference(q, k, v, causal=True)
+            out, weights = scaled_dot_product_attention_reference(q, k, v, causal=self.causal, mask=mask)
         else:
-            out, weights = self._fused_attention(q, k, v), None
+            out, weights = self._fused_attention(q, k, v, mask), None
         return self.o_proj(self.merge_heads(out)), weights
 
-    def _fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         mask: torch.Tensor | None) -> torch.Tensor:
         """PyTorch's fused attention; ``enable_gqa`` shares K/V heads without copying them."""
-        n_queries, n_keys = q.shape[-2], k.shape[-2]
-        same_length = n_queries == n_keys
         return F.scaled_dot_product_attention(
             q, k, v,
-            attn_mask=None if same_length else causal_mask(n_queries, n_keys, device=q.device),
-            is_causal=same_length,
+            attn_mask=mask,
+            is_causal=self.causal and mask is None,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmlab.cache import KVCache
 from llmlab.config import ModelConfig
 from llmlab.layers.attention import CausalSelfAttention
 from llmlab.layers.mlp import make_mlp
@@ -33,10 +34,16 @@ class DecoderBlock(nn.Module):
         self.dropout = nn.Dropout(config.dropout)  # on each branch, before it joins the stream
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor | None = None, return_weights: bool = False
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        return_weights: bool = False,
+        cache: KVCache | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[batch, seq, d_model]`` -> ``(same shape, attention weights or None)``."""
-        attn_out, weights = self.attn(self.norm1(x), positions=positions, return_weights=return_weights)
+        """``[batch, seq, d_model]`` -> ``(same shape, attention weights or None)``; see the attention's arguments."""
+        attn_out, weights = self.attn(self.norm1(x), positions=positions, return_weights=return_weights,
+                                      cache=cache, key_mask=key_mask)
         x = x + self.dropout(attn_out)
         x = x + self.dropout(self.mlp(self.norm2(x)))
         return x, weights

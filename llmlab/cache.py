@@ -1,0 +1,94 @@
+"""The contiguous KV cache: every layer's keys and values, kept so decoding never recomputes them.
+
+Taught in notebook 09 (KV cache).  For each layer the cache preallocates
+
+    K, V : [batch, n_kv_heads, max_len, head_dim]
+
+Prefill writes the prompt's keys and values (positions ``0..T-1``); each
+decode step writes one more position.  Memory is fixed at creation:
+2 (K and V) × layers × batch × kv_heads × max_len × head_dim × bytes per value —
+the formula ``llmlab.calc.kv_cache_bytes`` computes for real models.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmlab.config import ModelConfig
+
+
+class CacheFullError(RuntimeError):
+    """Writing past the cache's capacity (``max_len`` positions)."""
+
+
+class KVCache:
+    """Preallocated per-layer keys and values (notebook 09).
+
+    The model calls :meth:`update` once per layer with the new positions' K/V
+    and gets back K/V for every position so far; after the last layer it calls
+    :meth:`advance`.  ``length`` is the number of positions already stored.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        if min(n_layers, batch_size, n_kv_heads, head_dim, max_len) < 1:
+            raise ValueError("a KV cache needs at least one layer, sequence, head, dimension and position.")
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    @classmethod
+    def for_model(cls, config: ModelConfig, batch_size: int = 1, max_len: int | None = None,
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> KVCache:
+        """A cache shaped for ``config`` (``max_len`` defaults to its context length)."""
+        max_len = config.context_length if max_len is None else max_len
+        if max_len > config.context_length:
+            raise ValueError(
+                f"max_len={max_len} exceeds the model's context_length={config.context_length}: "
+                "positions past the context do not exist."
+            )
+        return cls(config.n_layers, batch_size, config.n_kv_heads, config.head_dim, max_len, dtype, device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``/``v`` (``[batch, kv_heads, new, head_dim]``) after the stored positions; return all of them."""
+        new = k.shape[2]
+        end = self.length + new
+        if end > self.max_len:
+            raise CacheFullError(
+                f"the KV cache holds {self.max_len} positions; {self.length} are used and {new} more were "
+                "asked for. Create a larger cache (up to the model's context_length), or start a new one."
+            )
+        if k.shape[0] != self.batch_size:
+            raise ValueError(f"the cache was made for batch {self.batch_size}, got a batch of {k.shape[0]}.")
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Mark ``n`` more positions as stored (the model calls this after its last layer)."""
+        self.length += n
+
+    def reset(self) -> None:
+        """Forget every position (the memory stays allocated)."""
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for keys and values in all layers."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes holding stored positions."""
+        return self.nbytes * self.length // self.max_len
+
+    def __repr__(self) -> str:
+        b, h, n, d = self.keys[0].shape
+        return (f"KVCache(layers={len(self.keys)}, batch={b}, kv_heads={h}, max_len={n}, head_dim={d}, "
+                f"length={self.length}, {self.nbytes / 2**20:.1f} MiB)")

@@ -1,0 +1,91 @@
+"""The command line end to end: the built-in model offline, training, and bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llmlab.__main__ import main
+from llmlab.checkpoint import load_checkpoint
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "llmlab", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_generate_with_the_builtin_model():
+    result = run_cli("generate", "ROMEO:", "--max-new-tokens", "40", "--seed", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ROMEO:") and len(result.stdout) > 60
+    again = run_cli("generate", "ROMEO:", "--max-new-tokens", "40", "--seed", "0")
+    assert again.stdout == result.stdout
+
+
+def test_generate_greedy_in_process(capsys):
+    assert main(["generate", "JULIET:", "--temperature", "0", "--max-new-tokens", "10"]) == 0
+    first = capsys.readouterr().out
+    assert main(["generate", "JULIET:", "--temperature", "0", "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out == first
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--temperature", "-1"], 2, "temperature must be ≥ 0"),
+        (["--top-p", "1.5"], 2, r"top_p must be in (0, 1]"),
+        (["--top-p", "0"], 2, r"top_p must be in (0, 1]"),
+        (["--top-k", "0"], 2, "top_k must be an integer ≥ 1"),
+        (["--checkpoint", "/nonexistent/ck"], 1, "no checkpoint folder"),
+    ],
+)
+def test_generate_bad_input(capsys, args, code, message):
+    assert main(["generate", "ROMEO:", *args]) == code
+    assert message in capsys.readouterr().err
+
+
+def test_empty_and_too_long_prompt(capsys):
+    assert main(["generate", ""]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+    assert main(["generate", "word " * 2000]) == 2
+    assert "shorten it" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_exits_1(tmp_path, capsys):
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        (folder / name).write_text("garbage")
+    assert main(["generate", "ROMEO:", "--checkpoint", str(folder)]) == 1
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_info(capsys):
+    assert main(["info", "--presets"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and "gpt2-124m" in out and "nats/char" in out
+
+
+def test_train_then_generate(tmp_path, shakespeare, capsys):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text(shakespeare[:30_000])
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "3", "--corpus", str(corpus), "--out", str(out), "--vocab-size", "300",
+                 "--batch-size", "4"]) == 0
+    assert "validation loss" in capsys.readouterr().out
+    ckpt = load_checkpoint(out, load_trainer_state=True)
+    assert ckpt.trainer_state["step"] == 3 and ckpt.config.vocab_size == 300
+    assert main(["train", "--steps", "5", "--corpus", str(corpus), "--out", str(out), "--vocab-size", "300",
+                 "--batch-size", "4", "--resume"]) == 0
+    assert load_checkpoint(out, load_trainer_state=True).trainer_state["step"] == 5
+    assert main(["generate", "First", "--checkpoint", str(out), "--max-new-tokens", "5"]) == 0
+
+
+def test_train_bad_input(capsys, tmp_path):
+    assert main(["train", "--minutes", "-1", "--out", str(tmp_path / "x")]) == 2
+    assert "--minutes must be > 0" in capsys.readouterr().err
+    assert main(["train", "--preset", "gpt5", "--out", str(tmp_path / "x")]) == 2
+    assert "gpt5" in capsys.readouterr().err
