@@ -62,12 +62,67 @@ def bench_tokenizer(args: argparse.Namespace) -> None:
             print(f"{label:<18}{name:<22}{mb / seconds:>9.1f}{cold_s / seconds:>15.1f}")
 
 
+@benchmark("decode")
+def bench_decode(args: argparse.Namespace) -> None:
+    """Greedy decoding tokens/s with and without the KV cache (notebook 09)."""
+    import torch
+
+    from llmlab import calc
+    from llmlab.config import get_config
+    from llmlab.generate import generate_many
+    from llmlab.model import Transformer
+    from llmlab.sampling import SamplingParams
+
+    prompt_len, lengths = 16, args.lengths
+    # Speed does not depend on the weights, so random weights serve; the context is
+    # stretched so that the longest run fits without sliding (architecture otherwise as the preset).
+    models = [("course-tiny", "course-tiny"), ("GPT-2-124M-shaped", "gpt2-124m")]
+    print(f"greedy decoding of one sequence after a {prompt_len}-token prompt, random weights, fp32, "
+          f"{torch.get_num_threads()} CPU threads")
+    print(f"{'model':<19}{'new tokens':>11}{'no cache tok/s':>16}{'cache tok/s':>13}{'speed-up':>10}{'cache bytes':>13}")
+    for label, preset in models:
+        config = get_config(preset).replace(context_length=max(prompt_len + max(lengths), get_config(preset).context_length))
+        torch.manual_seed(0)
+        model = Transformer(config).eval()
+        prompt = torch.randint(0, config.vocab_size, (prompt_len,)).tolist()
+        for use_cache in (True, False):  # warm-up: first calls pay one-time allocation costs
+            generate_many(model, [prompt], SamplingParams(temperature=0, max_new_tokens=4), use_cache=use_cache)
+        for n in lengths:
+            params = SamplingParams(temperature=0, max_new_tokens=n)
+            cached_s, cached = timed(lambda: generate_many(model, [prompt], params, use_cache=True))
+            cache_bytes = calc.kv_cache_bytes(config, 1, prompt_len + n, "fp32")
+            estimate = _no_cache_estimate(model, prompt_len, n)
+            if estimate > args.budget:
+                print(f"{label:<19}{n:>11}{'(skipped: ~' + format(estimate / 60, '.0f') + ' min)':>16}"
+                      f"{n / cached_s:>13.1f}{'':>10}{calc.human_bytes(cache_bytes):>13}")
+                continue
+            plain_s, plain = timed(lambda: generate_many(model, [prompt], params, use_cache=False))
+            assert plain == cached, "cache and no-cache generations differ"
+            print(f"{label:<19}{n:>11}{n / plain_s:>16.1f}{n / cached_s:>13.1f}{plain_s / cached_s:>9.1f}×"
+                  f"{calc.human_bytes(cache_bytes):>13}")
+
+
+def _no_cache_estimate(model, prompt_len: int, n: int) -> float:
+    """Seconds that ``n`` uncached steps would take, from one timed forward pass at the mean length."""
+    import torch
+
+    mean_len = prompt_len + n // 2
+    ids = torch.zeros(1, mean_len, dtype=torch.long)
+    with torch.no_grad():
+        model(ids)
+        seconds, _ = timed(lambda: model(ids))
+    return seconds * n
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run the chosen benchmark(s)."""
     parser = argparse.ArgumentParser(prog="python -m llmlab.bench", description=__doc__)
     parser.add_argument("name", choices=[*BENCHMARKS, "all"], help="which benchmark to run")
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024], help="decode: new tokens")
+    parser.add_argument("--budget", type=float, default=300.0,
+                        help="decode: skip a no-cache run estimated to take longer than this many seconds")
     args = parser.parse_args(argv)
     for name, fn in BENCHMARKS.items():
         if args.name in (name, "all"):

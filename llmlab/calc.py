@@ -161,6 +161,98 @@ def weight_bytes(config: ModelConfig | int, dtype: str = "bf16") -> float:
     return n * dtype_bytes(dtype)
 
 
+# --- KV cache (notebooks 09 and 10) ----------------------------------------------------------
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: str = "bf16") -> float:
+    """Bytes of K and V that one token adds to the cache, over all layers (notebook 09).
+
+        2 (K and V) × n_layers × n_kv_heads × head_dim × bytes per value
+
+    GPT-2 124M in fp16: 2 × 12 × 12 × 64 × 2 = 36,864 bytes.
+    """
+    return 2 * config.n_layers * config.n_kv_heads * config.head_dim * dtype_bytes(dtype)
+
+
+def kv_cache_bytes(config: ModelConfig, batch: int = 1, tokens: int | None = None, dtype: str = "bf16") -> float:
+    """KV-cache bytes = 2 × batch × tokens × layers × kv_heads × head_dim × bytes per value (notebook 09).
+
+    ``tokens`` defaults to the full context length.
+    """
+    tokens = config.context_length if tokens is None else tokens
+    if batch < 0 or tokens < 0:
+        raise ValueError(f"batch and tokens must be ≥ 0, got batch={batch}, tokens={tokens}.")
+    return batch * tokens * kv_bytes_per_token(config, dtype)
+
+
+def max_concurrent_sequences(
+    config: ModelConfig,
+    gpu_bytes: float,
+    seq_len: int,
+    weight_dtype: str = "bf16",
+    kv_dtype: str = "bf16",
+    reserve_fraction: float = 0.1,
+    n_gpus: int = 1,
+) -> int:
+    """How many sequences of ``seq_len`` tokens fit next to the weights (notebook 09's capacity planner).
+
+    Memory = ``n_gpus × gpu_bytes``, minus ``reserve_fraction`` of it for
+    activations and the runtime, minus the weights; what is left holds KV
+    caches.  Returns 0 when the weights alone do not fit.
+    """
+    if not 0 <= reserve_fraction < 1:
+        raise ValueError(f"reserve_fraction must be in [0, 1), got {reserve_fraction}.")
+    free = n_gpus * gpu_bytes * (1 - reserve_fraction) - weight_bytes(config, weight_dtype)
+    if free <= 0:
+        return 0
+    return int(free // kv_cache_bytes(config, 1, seq_len, kv_dtype))
+
+
+# --- arithmetic intensity and the roofline (notebook 09) ------------------------------------
+
+
+def weights_read_per_pass(config: ModelConfig) -> int:
+    """Parameters a forward pass reads in full: all but the lookup tables (token embedding, learned positions).
+
+    A lookup reads only the rows of the batch's tokens.  A tied LM head still
+    reads the whole shared matrix, so it stays in.
+    """
+    counts = param_counts(config)
+    lookups = counts["positional"] + (0 if config.tie_embeddings else counts["embedding"])
+    return counts["total"] - lookups
+
+
+def forward_bytes(config: ModelConfig, batch: int, new_tokens: int, context: int, dtype: str = "bf16") -> float:
+    """Bytes one forward pass must move: the weights once, the KV cache read, the new K/V written."""
+    kv_read = kv_cache_bytes(config, batch, context, dtype)
+    kv_written = kv_cache_bytes(config, batch, new_tokens, dtype)
+    return weights_read_per_pass(config) * dtype_bytes(dtype) + kv_read + kv_written
+
+
+def forward_flops(config: ModelConfig, batch: int, new_tokens: int, context: int) -> float:
+    """FLOPs of one forward pass over ``new_tokens`` per sequence attending to ``context`` earlier tokens.
+
+    Weights: 2 FLOPs per parameter per token (LM head included).  Attention:
+    Q·Kᵀ and weights·V, 4 × head_dim × heads FLOPs per (query, key) pair per
+    layer, with causal pairs among the new tokens.
+    """
+    weights = 2 * (param_counts(config)["non_embedding"] + config.d_model * config.vocab_size)
+    pairs = new_tokens * context + new_tokens * (new_tokens + 1) / 2
+    attention = 4 * config.n_layers * config.attention_dim * pairs
+    return batch * (new_tokens * weights + attention)
+
+
+def arithmetic_intensity(config: ModelConfig, batch: int, new_tokens: int, context: int = 0,
+                         dtype: str = "bf16") -> float:
+    """FLOPs per byte moved for one forward pass (prefill: many new tokens; decode: one)."""
+    return forward_flops(config, batch, new_tokens, context) / forward_bytes(config, batch, new_tokens, context, dtype)
+
+
+def roofline(intensity: float, peak_flops: float, bandwidth: float) -> float:
+    """Attainable FLOP/s = min(peak, intensity × bandwidth); the ridge point is peak / bandwidth."""
+    return min(peak_flops, intensity * bandwidth)
+
+
 # --- formatting ---------------------------------------------------------------------------
 
 _DECIMAL = ["B", "kB", "MB", "GB", "TB", "PB", "EB"]

@@ -16,6 +16,7 @@ from llmlab.calc import (
     training_flops_per_token,
     weight_bytes,
 )
+from llmlab import calc
 from llmlab.config import ModelConfig, get_config
 from llmlab.model import Transformer
 
@@ -174,3 +175,51 @@ def test_presets_are_sized_instantly():
         param_counts(get_config(name))
         flops_per_token(get_config(name))
     assert time.perf_counter() - start < 0.5
+
+
+# --- KV cache, capacity, roofline (notebook 09) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "expected"),
+    [("gpt2-124m", "fp16", 36_864), ("llama3-8b", "bf16", 131_072), ("llama3-70b", "bf16", 327_680),
+     ("qwen3-0.6b", "bf16", 114_688), ("gpt3-175b", "fp16", 4_718_592)],
+)
+def test_kv_bytes_per_token_published(name, dtype, expected):
+    assert calc.kv_bytes_per_token(get_config(name), dtype) == expected
+
+
+def test_kv_cache_bytes_formula():
+    cfg = get_config("llama3-8b")
+    assert calc.kv_cache_bytes(cfg, batch=3, tokens=100, dtype="bf16") == 2 * 3 * 100 * 32 * 8 * 128 * 2
+    mha_32k = cfg.replace(n_kv_heads=32, context_length=32_768)
+    assert calc.kv_cache_bytes(mha_32k, 1, 32_768, "bf16") == 17_179_869_184  # 17.18 GB
+    assert calc.kv_cache_bytes(mha_32k.replace(n_kv_heads=8), 1, 32_768, "bf16") == 4_294_967_296  # 4.29 GB
+    with pytest.raises(ValueError, match="≥ 0"):
+        calc.kv_cache_bytes(cfg, batch=-1)
+
+
+def test_palm_sized_cache_claim():
+    # 118 layers, attention width 12,288 (48 heads x 256), MHA, batch 512, context 2,048.
+    palm = get_config("gpt3-175b").replace(n_layers=118, d_model=18_432, n_heads=48, head_dim=256)
+    assert calc.kv_cache_bytes(palm, 512, 2048, "int8") == pytest.approx(3.04e12, rel=1e-3)
+    assert calc.kv_cache_bytes(palm, 512, 2048, "bf16") == pytest.approx(6.08e12, rel=1e-3)
+
+
+def test_capacity_planner():
+    cfg = get_config("llama3-8b")
+    free = 80e9 * 0.9 - calc.weight_bytes(cfg, "bf16")
+    assert calc.max_concurrent_sequences(cfg, 80e9, 8192) == int(free // (8192 * 131_072))
+    assert calc.max_concurrent_sequences(get_config("llama3-70b"), 80e9, 8192) == 0  # weights alone do not fit
+    assert calc.max_concurrent_sequences(get_config("llama3-70b"), 80e9, 8192, n_gpus=4) > 0
+
+
+def test_prefill_is_compute_bound_and_decode_bandwidth_bound():
+    cfg = get_config("llama3-8b")
+    decode = calc.arithmetic_intensity(cfg, batch=1, new_tokens=1, context=1000)
+    prefill = calc.arithmetic_intensity(cfg, batch=1, new_tokens=2000)
+    peak, bandwidth = 989e12, 3.35e12  # H100 SXM dense bf16, HBM3
+    ridge = peak / bandwidth
+    assert decode < 2 < ridge < prefill
+    assert calc.roofline(decode, peak, bandwidth) == pytest.approx(decode * bandwidth)
+    assert calc.roofline(prefill, peak, bandwidth) == peak
