@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[lab,test]'
 	@touch $(STAMP)
 
+# Jupyter refuses to run as root unless told; containers often run as root.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab course/
+	$(VENV)/bin/jupyter lab $(ROOT_FLAG) course/
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile --nbval-lax tests course
