@@ -163,7 +163,8 @@ class CausalSelfAttention(nn.Module):
         mask = None
         if not self.causal:  # notebook 05's deliberate break: the future is visible
             mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
-        elif key_mask is not None or q.shape[-2] != k.shape[-2]:
+        elif key_mask is not None or 1 < q.shape[-2] != k.shape[-2]:
+            # (one query, the newest token, may see every key: no mask needed)
             mask = attention_mask(q.shape[-2], k.shape[-2], key_mask, device=q.device)
         if return_weights:
             out, weights = scaled_dot_product_attention_reference(q, k, v, causal=self.causal, mask=mask)
@@ -177,7 +178,7 @@ class CausalSelfAttention(nn.Module):
         return F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
-            is_causal=self.causal and mask is None,
+            is_causal=self.causal and mask is None and q.shape[-2] > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
