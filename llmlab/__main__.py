@@ -135,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmlab {args.command}: error: {err}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        print(f"\nllmlab {args.command}: interrupted", file=sys.stderr)
+        hint = ""
+        if args.command == "train":
+            hint = f"; the last checkpoint (every 100 steps) is in {args.out}: continue with --resume"
+        print(f"\nllmlab {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -94,7 +94,8 @@ def train_course_model(
         config = config.replace(vocab_size=vocab_size)
     text = load_corpus(path=corpus) if corpus is not None else load_corpus()
     tokenizer, ids = prepare_tokens(text, config.vocab_size)
-    changes = {"seed": seed, "max_minutes": minutes, "checkpoint_dir": str(out)}
+    # A resumable checkpoint every 100 steps, so an interrupted run loses little (`--resume`).
+    changes = {"seed": seed, "max_minutes": minutes, "checkpoint_dir": str(out), "checkpoint_every": 100}
     if steps is not None:
         changes["steps"] = steps
     if batch_size is not None:

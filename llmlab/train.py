@@ -224,7 +224,8 @@ class Trainer:
                 break
         bar.close()
         self.history.seconds += time.perf_counter() - start
-        if cfg.checkpoint_dir:
+        just_saved = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+        if cfg.checkpoint_dir and not just_saved:
             self.save(cfg.checkpoint_dir)
         return self.history
 

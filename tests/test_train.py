@@ -111,3 +111,17 @@ def test_block_size_and_tiny_data(data):
         Trainer(tiny_model(), tok, ids, TrainConfig(block_size=64))
     with pytest.raises(TrainingError, match="validation split has"):
         Trainer(tiny_model(), tok, ids[:200], TrainConfig())
+
+
+def test_periodic_checkpoints_are_resumable(data, tmp_path):
+    from llmlab.checkpoint import load_checkpoint
+
+    for steps in (6, 8):  # 8: the last periodic save is the final state, so it is not written twice
+        folder = tmp_path / f"ck{steps}"
+        t = trainer(data, steps, checkpoint_dir=str(folder), checkpoint_every=4)
+        t.fit(progress=False)
+        assert load_checkpoint(folder, load_trainer_state=True).trainer_state["step"] == steps
+        again = trainer(data, steps)
+        again.resume(folder)
+        assert again.step == steps
+        assert all(torch.equal(a, b) for a, b in zip(t.model.state_dict().values(), again.model.state_dict().values()))
