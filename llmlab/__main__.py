@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     gen.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: built-in model)")
     gen.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when present)")
+    gen.add_argument("--compile", action="store_true",
+                     help="compile the decode step with torch.compile: seconds to start, then faster tokens "
+                          "(needs a C++ compiler on a CPU; see notebook 09)")
 
     train = sub.add_parser("train", help="train a model on tiny Shakespeare and write a checkpoint")
     train.add_argument("--preset", default="course-tiny", help="model preset (see `llmlab info --presets`)")
@@ -67,7 +70,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint, device=device(args.device))
     params = SamplingParams(**{**params.__dict__, "stop_ids": (ckpt.tokenizer.eot_id,)})
     sys.stdout.write(args.prompt)
-    for piece in stream_text(ckpt.model, ckpt.tokenizer, args.prompt, params):
+    for piece in stream_text(ckpt.model, ckpt.tokenizer, args.prompt, params, compiled=args.compile):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmlab.checkpoint import CheckpointError
     from llmlab.config import ConfigError
     from llmlab.data import DataError
+    from llmlab.compiled import CompileError
     from llmlab.generate import PromptError
     from llmlab.sampling import SamplingError
     from llmlab.tokenizer import TokenizerError
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SamplingError, PromptError, ConfigError, TrainingError, TokenizerError) as err:
         print(f"llmlab {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except (CheckpointError, DataError) as err:
+    except (CheckpointError, DataError, CompileError) as err:
         print(f"llmlab {args.command}: error: {err}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

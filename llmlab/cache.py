@@ -8,6 +8,14 @@ Prefill writes the prompt's keys and values (positions ``0..T-1``); each
 decode step writes one more position.  Memory is fixed at creation:
 2 (K and V) × layers × batch × kv_heads × max_len × head_dim × bytes per value —
 the formula ``llmlab.calc.kv_cache_bytes`` computes for real models.
+
+A decode step normally reads ``cache.length`` (a Python int) and attends to
+the first ``length + 1`` positions, so every step has a new shape.
+:meth:`KVCache.fixed_shape_step` gives the same step with *fixed* shapes — the
+write position is a tensor and attention covers a fixed number of slots (a
+"bucket"), with a mask hiding the empty ones — which is what ``torch.compile``
+(and CUDA graphs on a GPU) need to turn the step into a few kernels.  Notebook
+09 measures it.
 """
 
 from __future__ import annotations
@@ -70,6 +78,15 @@ class KVCache:
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def n_keys(self, new: int) -> int:
+        """How many key positions attention sees after ``new`` more are written."""
+        return self.length + new
+
+    def fixed_shape_step(self, slot: torch.Tensor, n_slots: int | None = None) -> FixedShapeStep:
+        """This cache seen by one step that writes at column ``slot`` (a ``[new]`` long tensor) and
+        attends over the first ``n_slots`` columns (default: all ``max_len``)."""
+        return FixedShapeStep(self, slot, self.max_len if n_slots is None else n_slots)
+
     def advance(self, n: int) -> None:
         """Mark ``n`` more positions as stored (the model calls this after its last layer)."""
         self.length += n
@@ -92,3 +109,33 @@ class KVCache:
         b, h, n, d = self.keys[0].shape
         return (f"KVCache(layers={len(self.keys)}, batch={b}, kv_heads={h}, max_len={n}, head_dim={d}, "
                 f"length={self.length}, {self.nbytes / 2**20:.1f} MiB)")
+
+
+class FixedShapeStep:
+    """One step's view of a :class:`KVCache` whose shapes do not depend on the cache's length (notebook 09).
+
+    :meth:`update` writes the new keys/values at the columns in the ``slot``
+    tensor and returns the first ``n_slots`` columns; the caller passes an
+    ``attention_mask`` ``[batch, n_slots]`` that is 1 only on written, real
+    positions, so the empty slots get no attention.  Nothing here reads the
+    Python-int ``length``: every step with the same ``n_slots`` has the same
+    shapes, so a compiler traces it once.  The caller advances the cache afterwards.
+    """
+
+    def __init__(self, cache: KVCache, slot: torch.Tensor, n_slots: int) -> None:
+        if not 1 <= n_slots <= cache.max_len:
+            raise ValueError(f"n_slots must be in 1..{cache.max_len} (the cache's max_len), got {n_slots}.")
+        self.keys, self.values, self.slot, self.n_slots = cache.keys, cache.values, slot, n_slots
+
+    def n_keys(self, new: int) -> int:
+        """Attention always covers ``n_slots`` slots."""
+        return self.n_slots
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k``/``v`` at the ``slot`` columns; return this layer's first ``n_slots`` slots."""
+        self.keys[layer].index_copy_(2, self.slot, k)
+        self.values[layer].index_copy_(2, self.slot, v)
+        return self.keys[layer][:, :, : self.n_slots], self.values[layer][:, :, : self.n_slots]
+
+    def advance(self, n: int) -> None:
+        """Nothing: the length lives outside the fixed-shape step (``KVCache.advance`` after it)."""

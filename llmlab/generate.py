@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from llmlab.cache import KVCache
+from llmlab.compiled import CompiledDecoder
 from llmlab.sampling import SamplingParams, make_generator, sample_next
 
 PAD_ID = 0
@@ -63,12 +64,21 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 class _Stepper:
-    """Produces next-token logits for a growing batch, with or without a KV cache."""
+    """Produces next-token logits for a growing batch, with or without a KV cache.
 
-    def __init__(self, model, batch_size: int, use_cache: bool, padded: bool, device) -> None:
+    The cache holds at most what this request can use (the longest prompt plus
+    the new tokens, up to the context).  ``compiled=True`` runs each decode step
+    through :class:`llmlab.compiled.CompiledDecoder`; prefill (and a refill after
+    the window slides) stays eager, since its length varies.
+    """
+
+    def __init__(self, model, batch_size: int, max_len: int, use_cache: bool, compiled: bool,
+                 padded: bool, device) -> None:
         self.model, self.context, self.padded = model, model.config.context_length, padded
-        self.cache = KVCache.for_model(model.config, batch_size, device=device) if use_cache else None
+        self.cache = KVCache.for_model(model.config, batch_size, max_len=min(max_len, self.context),
+                                       device=device) if use_cache else None
         self.cache_start = 0  # column of `ids` held at cache position 0
+        self.compiled = CompiledDecoder(self.cache) if compiled else None
 
     def logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         total = ids.shape[1]
@@ -78,10 +88,14 @@ class _Stepper:
         if self.cache.length == 0 or total - self.cache_start > self.cache.max_len:
             self.cache.reset()  # prefill, or the window slid: fill the cache again
             self.cache_start = max(0, total - self.context)
+            if self.compiled is not None:
+                self.compiled.reset()
             return self._window(ids, mask)
         window_mask = mask[:, self.cache_start:]
         new_ids = ids[:, cached_upto:]
         positions = positions_from_mask(window_mask)[:, -new_ids.shape[1]:]
+        if self.compiled is not None:
+            return self.compiled.logits(self.model, new_ids, positions, window_mask)
         out = self.model(new_ids, positions=positions, cache=self.cache,
                          attention_mask=window_mask if self.padded else None)
         return out.logits[:, -1, :]
@@ -95,13 +109,17 @@ class _Stepper:
 
 @torch.no_grad()
 def generate_batch(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                   use_cache: bool = True) -> Iterator[torch.Tensor]:
+                   use_cache: bool = True, *, compiled: bool = False) -> Iterator[torch.Tensor]:
     """Yield one ``[batch]`` tensor of new ids per step, for prompts of any lengths (left-padded).
 
     Stops after ``max_new_tokens`` steps, or once every sequence has produced a
     stop id.  A sequence that stopped keeps being computed (its later ids are
-    to be ignored; :func:`generate_many` trims them).
+    to be ignored; :func:`generate_many` trims them).  ``compiled=True`` (needs
+    ``use_cache``) compiles the decode step with ``torch.compile`` — the first
+    call pays the compilation (seconds), later steps run faster (notebook 09).
     """
+    if compiled and not use_cache:
+        raise ValueError("compiled=True compiles the cached decode step: use it with use_cache=True.")
     for prompt in prompts:
         check_prompt(prompt, model.config.context_length)
     device = next(model.parameters()).device
@@ -109,7 +127,8 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], params: SamplingPara
     model.eval()
     generator = make_generator(params.seed)
     ids, mask = left_pad(prompts, device)
-    stepper = _Stepper(model, len(prompts), use_cache, bool((mask == 0).any()), device)
+    stepper = _Stepper(model, len(prompts), ids.shape[1] + params.max_new_tokens, use_cache, compiled,
+                       bool((mask == 0).any()), device)
     stop = torch.tensor(sorted(params.stop_ids), dtype=torch.long, device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     try:
@@ -126,11 +145,11 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], params: SamplingPara
 
 
 def generate_many(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                  use_cache: bool = True) -> list[list[int]]:
+                  use_cache: bool = True, *, compiled: bool = False) -> list[list[int]]:
     """Every prompt's new ids, each ending at (and including) its first stop id."""
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    for step in generate_batch(model, prompts, params, use_cache):
+    for step in generate_batch(model, prompts, params, use_cache, compiled=compiled):
         for row, token in enumerate(step.tolist()):
             if not done[row]:
                 outputs[row].append(token)
@@ -138,16 +157,18 @@ def generate_many(model, prompts: Sequence[Sequence[int]], params: SamplingParam
     return outputs
 
 
-def generate_ids(model, prompt_ids: Sequence[int], params: SamplingParams, use_cache: bool = True) -> Iterator[int]:
+def generate_ids(model, prompt_ids: Sequence[int], params: SamplingParams, use_cache: bool = True, *,
+                 compiled: bool = False) -> Iterator[int]:
     """Yield one sequence's new ids as they come (streaming), stopping at ``max_new_tokens`` or a stop id."""
-    for step in generate_batch(model, [prompt_ids], params, use_cache):
+    for step in generate_batch(model, [prompt_ids], params, use_cache, compiled=compiled):
         yield int(step[0])
 
 
-def stream_text(model, tokenizer, prompt: str, params: SamplingParams, use_cache: bool = True) -> Iterator[str]:
+def stream_text(model, tokenizer, prompt: str, params: SamplingParams, use_cache: bool = True, *,
+                compiled: bool = False) -> Iterator[str]:
     """Yield generated text piece by piece; bytes of a split character wait for the rest."""
     pending = b""
-    for token in generate_ids(model, tokenizer.encode(prompt), params, use_cache):
+    for token in generate_ids(model, tokenizer.encode(prompt), params, use_cache, compiled=compiled):
         if token in params.stop_ids:
             break
         pending += tokenizer.decode_bytes([token])
@@ -163,6 +184,7 @@ def stream_text(model, tokenizer, prompt: str, params: SamplingParams, use_cache
         yield pending.decode("utf-8", errors="replace")
 
 
-def generate_text(model, tokenizer, prompt: str, params: SamplingParams | None = None, use_cache: bool = True) -> str:
+def generate_text(model, tokenizer, prompt: str, params: SamplingParams | None = None, use_cache: bool = True,
+                  *, compiled: bool = False) -> str:
     """The prompt's continuation as one string (``prompt`` itself is not included)."""
-    return "".join(stream_text(model, tokenizer, prompt, params or SamplingParams(), use_cache))
+    return "".join(stream_text(model, tokenizer, prompt, params or SamplingParams(), use_cache, compiled=compiled))

@@ -101,13 +101,14 @@ class Transformer(nn.Module):
         (1 = real token, 0 = padding) covers the cached and the new positions.
         """
         self._check_ids(ids)
-        start = cache.length if cache is not None else 0
         if positions is None:
+            start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + ids.shape[1], device=ids.device)
         self._check_positions(positions, ids)
-        if attention_mask is not None and attention_mask.shape != (ids.shape[0], start + ids.shape[1]):
+        n_keys = ids.shape[1] if cache is None else cache.n_keys(ids.shape[1])
+        if attention_mask is not None and attention_mask.shape != (ids.shape[0], n_keys):
             raise ValueError(f"attention_mask must have shape [batch, cached + new] = "
-                             f"{(ids.shape[0], start + ids.shape[1])}, got {tuple(attention_mask.shape)}.")
+                             f"{(ids.shape[0], n_keys)}, got {tuple(attention_mask.shape)}.")
         x = self.token_embedding(ids)
         if self.position_embedding is not None:
             x = x + self.position_embedding(positions)
@@ -176,6 +177,8 @@ class Transformer(nn.Module):
         if positions.shape not in (ids.shape[1:], ids.shape):
             raise ValueError(f"positions must have shape [seq] or [batch, seq] = {tuple(ids.shape)}, "
                              f"got {tuple(positions.shape)}.")
+        if torch.compiler.is_compiling():  # reading values would split a compiled graph; eager calls check
+            return
         if int(positions.max()) >= self.config.context_length or int(positions.min()) < 0:
             raise ContextLengthError(
                 f"positions must be in 0..{self.config.context_length - 1} (context_length="

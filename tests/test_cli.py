@@ -30,6 +30,8 @@ def test_generate_greedy_in_process(capsys):
     first = capsys.readouterr().out
     assert main(["generate", "JULIET:", "--temperature", "0", "--max-new-tokens", "10"]) == 0
     assert capsys.readouterr().out == first
+    assert main(["generate", "JULIET:", "--temperature", "0", "--max-new-tokens", "10", "--compile"]) == 0
+    assert capsys.readouterr().out == first  # the compiled decode step writes the same text
 
 
 @pytest.mark.parametrize(

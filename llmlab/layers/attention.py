@@ -47,17 +47,19 @@ def attention_mask(
     """Where each query may look: causal, and (with ``key_mask``) never at padding (notebook 09).
 
     ``key_mask`` is ``[batch, n_keys]``, True for real tokens (left-padding in a
-    batch is False).  The result is ``[n_queries, n_keys]`` without ``key_mask``
-    and ``[batch, 1, n_queries, n_keys]`` with it.  A padding query sees only
-    itself, so its (ignored) row is never empty.
+    batch is False; so are the empty slots of a fixed-shape cache step).  The
+    result is ``[n_queries, n_keys]`` without ``key_mask`` and
+    ``[batch, 1, n_queries, n_keys]`` with it.  A query that may see nothing (a
+    padding query before the first real token) sees itself, so no row is empty.
     """
     allowed = causal_mask(n_queries, n_keys, device=device)
     if key_mask is None:
         return allowed
+    allowed = allowed & key_mask.bool()[:, None, None, :]
     itself = torch.zeros(n_queries, n_keys, dtype=torch.bool, device=device)
     rows = torch.arange(n_queries, device=device)
     itself[rows, n_keys - n_queries + rows] = True
-    return (allowed & key_mask.bool()[:, None, None, :]) | itself
+    return allowed | (itself & ~allowed.any(dim=-1, keepdim=True))
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
