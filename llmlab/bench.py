@@ -64,11 +64,21 @@ def bench_tokenizer(args: argparse.Namespace) -> None:
 
 @benchmark("decode")
 def bench_decode(args: argparse.Namespace) -> None:
-    """Greedy decoding tokens/s with and without the KV cache (notebook 09)."""
+    """Greedy decoding tokens/s without the KV cache, with it, and with the compiled step (notebook 09)."""
+    import torch
+
+    for threads in args.threads or [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        _decode_table(args)
+
+
+def _decode_table(args: argparse.Namespace) -> None:
+    """One table of :func:`bench_decode` at the current thread count."""
     import torch
 
     from llmlab import calc
     from llmlab.config import get_config
+    from llmlab.compiled import CompileError
     from llmlab.generate import generate_many
     from llmlab.model import Transformer
     from llmlab.sampling import SamplingParams
@@ -77,29 +87,78 @@ def bench_decode(args: argparse.Namespace) -> None:
     # Speed does not depend on the weights, so random weights serve; the context is
     # stretched so that the longest run fits without sliding (architecture otherwise as the preset).
     models = [("course-tiny", "course-tiny"), ("GPT-2-124M-shaped", "gpt2-124m")]
-    print(f"greedy decoding of one sequence after a {prompt_len}-token prompt, random weights, fp32, "
-          f"{torch.get_num_threads()} CPU threads")
-    print(f"{'model':<19}{'new tokens':>11}{'no cache tok/s':>16}{'cache tok/s':>13}{'speed-up':>10}{'cache bytes':>13}")
+    print(f"\ngreedy decoding of one sequence after a {prompt_len}-token prompt, random weights, fp32, "
+          f"{torch.get_num_threads()} CPU thread(s)")
+    print(f"{'model':<19}{'new tokens':>11}{'no cache':>10}{'cache':>9}{'compiled':>10}"
+          f"{'speed-up':>10}{'compiled':>10}{'cache bytes':>13}")
+    print(f"{'':<19}{'':>11}{'tok/s':>10}{'tok/s':>9}{'tok/s':>10}{'(cache)':>10}{'speed-up':>10}")
+    notes = []
     for label, preset in models:
         config = get_config(preset).replace(context_length=max(prompt_len + max(lengths), get_config(preset).context_length))
         torch.manual_seed(0)
         model = Transformer(config).eval()
         prompt = torch.randint(0, config.vocab_size, (prompt_len,)).tolist()
-        for use_cache in (True, False):  # warm-up: first calls pay one-time allocation costs
-            generate_many(model, [prompt], SamplingParams(temperature=0, max_new_tokens=4), use_cache=use_cache)
-        for n in lengths:
+
+        def run(n: int, use_cache: bool = True, compiled: bool = False) -> list[list[int]]:
             params = SamplingParams(temperature=0, max_new_tokens=n)
-            cached_s, cached = timed(lambda: generate_many(model, [prompt], params, use_cache=True))
+            return generate_many(model, [prompt], params, use_cache=use_cache, compiled=compiled)
+
+        for use_cache in (True, False):  # warm-up: first calls pay one-time allocation costs
+            run(4, use_cache)
+        compiled_ok = not args.no_compile
+        for n in lengths:
+            cached_s, cached = timed(lambda: run(n))
+            compiled_s = None
+            if compiled_ok:
+                try:
+                    compile_s, _ = timed(lambda: run(n, compiled=True))  # each cache size compiles once
+                    compiled_s, compiled = timed(lambda: run(n, compiled=True))
+                    assert compiled == cached, "compiled and eager cached generations differ"
+                    notes.append(f"{label}, {n} tokens: first compiled run {compile_s:.1f} s (compiling included)")
+                except CompileError as err:
+                    notes.append(f"compiled step unavailable: {err}")
+                    compiled_ok = False
             cache_bytes = calc.kv_cache_bytes(config, 1, prompt_len + n, "fp32")
+            compiled_col = f"{n / compiled_s:>10.1f}" if compiled_s else f"{'—':>10}"
             estimate = _no_cache_estimate(model, prompt_len, n)
             if estimate > args.budget:
-                print(f"{label:<19}{n:>11}{'(skipped: ~' + format(estimate / 60, '.0f') + ' min)':>16}"
-                      f"{n / cached_s:>13.1f}{'':>10}{calc.human_bytes(cache_bytes):>13}")
+                print(f"{label:<19}{n:>11}{'skipped':>10}{n / cached_s:>9.1f}{compiled_col}{'':>10}{'':>10}"
+                      f"{calc.human_bytes(cache_bytes):>13}")
+                notes.append(f"{label}, {n} tokens: no-cache run skipped (estimated {estimate / 60:.0f} min > --budget)")
                 continue
-            plain_s, plain = timed(lambda: generate_many(model, [prompt], params, use_cache=False))
+            plain_s, plain = timed(lambda: run(n, use_cache=False))
             assert plain == cached, "cache and no-cache generations differ"
-            print(f"{label:<19}{n:>11}{n / plain_s:>16.1f}{n / cached_s:>13.1f}{plain_s / cached_s:>9.1f}×"
-                  f"{calc.human_bytes(cache_bytes):>13}")
+            compiled_gain = f"{plain_s / compiled_s:>9.1f}×" if compiled_s else f"{'—':>10}"
+            print(f"{label:<19}{n:>11}{n / plain_s:>10.1f}{n / cached_s:>9.1f}{compiled_col}"
+                  f"{plain_s / cached_s:>9.1f}×{compiled_gain}{calc.human_bytes(cache_bytes):>13}")
+        notes.append(_bandwidth_floor(label, model))
+    for note in notes:
+        print("  " + note)
+
+
+def weight_read_seconds(model) -> float:
+    """Seconds this machine takes to stream ``model``'s weights once: a decode step's floor (notebook 09).
+
+    Measured as one matrix-vector product over a matrix as large as all the
+    weights; a single-sequence decode step reads every weight once, so it
+    cannot be faster than this.
+    """
+    import torch
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    matrix = torch.randn(max(1, weights // 4 // 256), 256)
+    vector = torch.randn(256)
+    seconds, _ = timed(lambda: matrix @ vector, repeat=20)
+    return seconds
+
+
+def _bandwidth_floor(label: str, model) -> str:
+    """A line on the fastest a decode step can be here: weight bytes at this machine's streaming rate."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    seconds = weight_read_seconds(model)
+    return (f"{label}: a decode step reads {weights / 1e6:.1f} MB of weights; one matrix-vector product of "
+            f"that size streams at {weights / seconds / 1e9:.0f} GB/s here, so no step can beat "
+            f"{seconds * 1e3:.2f} ms ({1 / seconds:.0f} tok/s)")
 
 
 def _no_cache_estimate(model, prompt_len: int, n: int) -> float:
@@ -123,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024], help="decode: new tokens")
     parser.add_argument("--budget", type=float, default=300.0,
                         help="decode: skip a no-cache run estimated to take longer than this many seconds")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="decode: CPU thread counts to measure, one table each (default: torch's current)")
+    parser.add_argument("--no-compile", action="store_true", help="decode: skip the compiled-step column")
     args = parser.parse_args(argv)
     for name, fn in BENCHMARKS.items():
         if args.name in (name, "all"):
