@@ -108,10 +108,13 @@ class CompiledDecoder:
         self.visible[:, slot] = window_mask[:, -1]
         visible = self.visible[:, : attention_bucket(slot + 1, self.cache.max_len)]
         slot_index = torch.tensor([slot], device=new_ids.device)
+        from torch._dynamo.exc import BackendCompilerFailed  # imported here: only compiled decoding needs them
+        from torch._inductor.exc import InductorError
+
         try:
             with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS_LIMIT):
                 logits = self.step(model, self.cache, _fresh(new_ids), _fresh(positions), slot_index, visible)
-        except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError) as err:
+        except (BackendCompilerFailed, InductorError) as err:
             raise CompileError(
                 "torch.compile could not build the decode step. On a CPU it needs a working C++ "
                 "compiler (gcc or clang; on macOS: xcode-select --install), on a GPU Triton. "
