@@ -7,7 +7,7 @@ notebooks import, extend and finally run as a text generator.
 from llmlab import calc
 from llmlab.config import ModelConfig, get_config
 from llmlab.model import Transformer
-from llmlab.notebook import check, figures_dir, save_figure, show
+from llmlab.notebook import check, check_function, figures_dir, save_figure, show
 from llmlab.runtime import device, environment_report, fast_mode, pick, seed_everything, triton_available
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __all__ = [
     "calc",
     "get_config",
     "check",
+    "check_function",
     "device",
     "environment_report",
     "fast_mode",

@@ -1,7 +1,9 @@
-"""Figures the notebooks share (matplotlib only, no global state changed).
+"""Figures the notebooks share (matplotlib only; global state changes only in ``use_projector_style``).
 
 The pipeline diagram is drawn in notebook 00; token strips in notebook 01;
 later notebooks add heatmaps, scatter plots and bar breakdowns here.
+Every figure must read on a projector: ``llmlab.save_figure`` refuses text under
+9 pt as shown, and ``use_projector_style`` sets defaults that pass.
 """
 
 from __future__ import annotations
@@ -28,6 +30,25 @@ PIPELINE: list[tuple[str, str]] = [
 ]
 """The course's pipeline, stage by stage, with the notebook that teaches each stage."""
 
+PROJECTOR_STYLE: dict[str, object] = {
+    "font.size": 12,
+    "axes.titlesize": 13,
+    "axes.labelsize": 12,
+    "xtick.labelsize": 11,
+    "ytick.labelsize": 11,
+    "legend.fontsize": 11,
+    "legend.title_fontsize": 11,
+    "figure.titlesize": 14,
+    "figure.dpi": 110,
+}
+"""Matplotlib defaults for figures shown on a 1280-px projector (set by :func:`use_projector_style`)."""
+
+
+def use_projector_style() -> None:
+    """Set matplotlib's defaults to :data:`PROJECTOR_STYLE` (each notebook calls it once, first)."""
+    plt.rcParams.update(PROJECTOR_STYLE)
+
+
 TOKEN_COLOURS = ["#fde2e4", "#e2ece9", "#dfe7fd", "#fff1c1", "#e8dff5", "#d8f3dc", "#fce1c8", "#cddafd"]
 """Pastel backgrounds that alternate between neighbouring tokens."""
 
@@ -42,9 +63,9 @@ def pipeline_diagram(highlight: str | None = None, per_row: int = 7):
     if highlight is not None and highlight not in names:
         raise ValueError(f"unknown stage {highlight!r}; stages are {names}.")
     rows = (len(PIPELINE) + per_row - 1) // per_row
-    fig, ax = plt.subplots(figsize=(1.75 * per_row, 1.7 * rows + 0.4))
-    ax.set_xlim(-0.1, per_row * 1.5)
-    ax.set_ylim(-rows * 1.6 + 0.4, 1.0)
+    fig, ax = plt.subplots(figsize=(1.6 * per_row, 1.45 * rows + 0.2))
+    ax.set_xlim(-0.1, per_row * 1.5 - 0.2)
+    ax.set_ylim(-(rows - 1) * 1.6 - 0.5, 0.5)
     ax.axis("off")
     centres = []
     for i, (name, notebook) in enumerate(PIPELINE):
@@ -56,8 +77,8 @@ def pipeline_diagram(highlight: str | None = None, per_row: int = 7):
         ax.add_patch(
             FancyBboxPatch((x - 0.6, y - 0.4), 1.2, 0.8, boxstyle="round,pad=0.02,rounding_size=0.12", fc=colour, ec="#33415c")
         )
-        ax.text(x, y + 0.05, name, ha="center", va="center", fontsize=9)
-        ax.text(x, y - 0.3, f"nb {notebook}", ha="center", va="center", fontsize=7, color="#5c677d")
+        ax.text(x, y + 0.05, name, ha="center", va="center", fontsize=12)
+        ax.text(x, y - 0.3, f"nb {notebook}", ha="center", va="center", fontsize=11, color="#5c677d")
         centres.append((x, y))
     for (x0, y0), (x1, y1) in zip(centres, centres[1:]):
         if y0 == y1:
@@ -65,13 +86,14 @@ def pipeline_diagram(highlight: str | None = None, per_row: int = 7):
         else:
             start, end = (x0, y0 - 0.4), (x1, y1 + 0.4)
         ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=12, color="#33415c"))
+    # The loop back: from the last stage to the first, with its note in the free slot beside it.
     (xl, yl), (xf, yf) = centres[-1], centres[0]
     ax.add_patch(
-        FancyArrowPatch((xl - 0.6, yl), (xf, yf - 0.4), connectionstyle="arc3,rad=-0.3", arrowstyle="-|>",
+        FancyArrowPatch((xl - 0.6, yl + 0.2), (xf, yf - 0.4), connectionstyle="arc3,rad=-0.25", arrowstyle="-|>",
                         mutation_scale=12, color="#c1121f", linestyle="--")
     )
-    ax.text(xf - 0.55, (yl + yf) / 2 - 0.55, "append the token\nand repeat\n(08; 09: KV cache)",
-            ha="left", va="center", fontsize=7.5, color="#c1121f")
+    ax.text(xf - 0.6, yl - 0.15, "append the\ntoken and\nrepeat (08;\n09: KV cache)",
+            ha="left", va="center", fontsize=11, color="#c1121f")
     fig.tight_layout()
     return fig
 
@@ -92,11 +114,11 @@ def token_strip(pieces: Sequence[str], ids: Sequence[int] | None = None, ax=None
         label = piece.replace("\n", "↵").replace(" ", "␣") or "∅"
         ax.add_patch(FancyBboxPatch((col + 0.04, -row - 0.55), 0.92, 0.5, boxstyle="round,pad=0.01",
                                     fc=TOKEN_COLOURS[i % len(TOKEN_COLOURS)], ec="#8d99ae", lw=0.6))
-        ax.text(col + 0.5, -row - 0.3, label, ha="center", va="center", fontsize=8)
+        ax.text(col + 0.5, -row - 0.3, label, ha="center", va="center", fontsize=11)
         if ids is not None:
-            ax.text(col + 0.5, -row - 0.75, str(ids[i]), ha="center", va="center", fontsize=7, color="#5c677d")
+            ax.text(col + 0.5, -row - 0.75, str(ids[i]), ha="center", va="center", fontsize=10, color="#5c677d")
     if title:
-        ax.set_title(title, fontsize=10, loc="left")
+        ax.set_title(title, fontsize=12, loc="left")
     return ax
 
 
@@ -140,11 +162,11 @@ def heatmap(matrix, row_labels: Sequence[str] | None = None, col_labels: Sequenc
         for (i, j), value in np.ndenumerate(data):
             label = "−∞" if np.isneginf(value) else format(value, fmt)
             colour = "black" if np.isneginf(value) or value > middle else "white"
-            ax.text(j, i, label, ha="center", va="center", fontsize=8, color=colour)
+            ax.text(j, i, label, ha="center", va="center", fontsize=10, color=colour)
     if colorbar:
         ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=12)
     return ax
 
 
@@ -162,13 +184,13 @@ def scatter_2d(points, labels: Sequence[str], ax=None, title: str | None = None,
         _, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.scatter(xy[:, 0], xy[:, 1], color=colour, zorder=3)
     for (x, y), label in zip(xy, labels):
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=11)
     for i, j in arrows:
         ax.annotate("", xy=xy[j], xytext=xy[i], arrowprops=dict(arrowstyle="->", color="#c1121f", lw=1.2))
     ax.axhline(0, color="#bbbbbb", lw=0.6, zorder=0)
     ax.axvline(0, color="#bbbbbb", lw=0.6, zorder=0)
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=12)
     return ax
 
 
@@ -193,9 +215,9 @@ def bar_breakdown(breakdown: dict[str, dict[str, float]], ax=None, title: str | 
     if log:
         (ax.set_xscale if horizontal else ax.set_yscale)("log")
     (ax.set_xlabel if horizontal else ax.set_ylabel)(unit)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=11, loc="best")
     if title:
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=12)
     return ax
 
 
@@ -223,8 +245,8 @@ def plot_history(history, ax=None, per_char: float | None = None, title: str = "
                 label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per character)" if per_char else "loss (nats per token)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=12)
+    ax.legend(fontsize=11)
     return ax
 
 
