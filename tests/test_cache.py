@@ -26,6 +26,10 @@ def model_for(name: str, context: int = 24) -> Transformer:
 
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42, 43]]
+# Token-for-token comparisons below (cached vs recomputed, batched vs alone) are exact on purpose: the
+# two ways differ by at most 2e-7 in their logits (measured on the AVX512, portable and SSE4.2 kernels),
+# and along these seeded random-weight trajectories the best token leads the runner-up by at least
+# 1.3e-4 (over 600 times more), so another CPU, thread count or BLAS cannot tip a near-tie.
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -70,6 +74,8 @@ def test_left_padded_logits_match_unpadded(name):
 
 
 def test_sampled_generation_same_with_cache():
+    # Same seed, same draws: the tokens stay the same even with 1e-4 of noise added to every logit
+    # (measured, 20 noise draws), 1,000 times the cached/recomputed difference.
     model = model_for("course-tiny-llama")
     params = SamplingParams(temperature=1.0, top_k=20, max_new_tokens=20, seed=4)
     assert generate_many(model, PROMPTS, params, True) == generate_many(model, PROMPTS, params, False)
@@ -101,7 +107,11 @@ def test_positions_from_mask():
 
 
 def test_builtin_model_cache_matches_recompute():
-    """The trained model's logits are large (~±20): equal to 1e-5 absolute plus 1e-5 relative."""
+    """The trained model's logits are large (~±20): equal to 1e-4 absolute plus 1e-4 relative.
+
+    Measured: up to 1.3e-5 apart (a quarter of 1e-5 + 1e-5·|logit|: too close to the edge for other CPUs).
+    Greedy tokens: the runner-up trails by at least 1.1e-3 along these 40 steps, 75 times the gap
+    between cached and recomputed logits."""
     from llmlab.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint()
@@ -114,4 +124,4 @@ def test_builtin_model_cache_matches_recompute():
         steps = [ckpt.model(ids[:, :4], cache=cache).logits]
         steps += [ckpt.model(ids[:, t : t + 1], cache=cache).logits for t in range(4, ids.shape[1])]
         full = ckpt.model(ids).logits
-    assert torch.allclose(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)

@@ -27,9 +27,11 @@ def test_round_trip_is_bit_exact(tmp_path, model, tok):
     save_checkpoint(tmp_path / "ck", model, tok, meta={"note": "hi"})
     ckpt = load_checkpoint(tmp_path / "ck")
     assert ckpt.config == model.config and ckpt.meta == {"note": "hi"}
+    assert list(ckpt.model.state_dict()) == list(model.state_dict())  # zip below would stop at the shorter
     for (name, a), (_, b) in zip(model.state_dict().items(), ckpt.model.state_dict().items()):
         assert torch.equal(a, b), name
     ids = torch.tensor([tok.encode("the lazy dog")])
+    # Exact: the same weights through the same operations on the same machine.
     assert torch.equal(model.eval()(ids).logits, ckpt.model(ids).logits)
     assert ckpt.tokenizer.ranks == tok.ranks
     assert ckpt.model.lm_head.weight is ckpt.model.token_embedding.weight  # still tied

@@ -31,7 +31,9 @@ def test_generate_greedy_in_process(capsys):
     assert main(["generate", "JULIET:", "--temperature", "0", "--max-new-tokens", "10"]) == 0
     assert capsys.readouterr().out == first
     assert main(["generate", "JULIET:", "--temperature", "0", "--max-new-tokens", "10", "--compile"]) == 0
-    assert capsys.readouterr().out == first  # the compiled decode step writes the same text
+    # The compiled decode step writes the same text: its logits differ by ≤7e-6 (measured), the top-2 gap
+    # over these 10 greedy steps is at least 0.07.
+    assert capsys.readouterr().out == first
 
 
 @pytest.mark.parametrize(

@@ -38,15 +38,20 @@ def test_grouped_fast_path_equals_repeated_reference(n_kv_heads):
 def test_reference_with_repeated_heads_is_mha():
     q, k, v = torch.randn(1, 8, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
     grouped, _ = scaled_dot_product_attention_reference(q, k, v)
-    mha, _ = scaled_dot_product_attention_reference(q, repeat_kv(k, 4), repeat_kv(v, 4))
-    assert torch.equal(grouped, mha)
+    # Query heads 0-3 share KV head 0 and heads 4-7 KV head 1: spelled out here, not with repeat_kv.
+    owner = [0, 0, 0, 0, 1, 1, 1, 1]
+    assert torch.equal(repeat_kv(k, 4), k[:, owner])
+    mha, _ = scaled_dot_product_attention_reference(q, k[:, owner], v[:, owner])
+    assert torch.equal(grouped, mha)  # exact: the grouped path copies the same heads, then does the same sums
 
 
 def test_gqa_with_all_heads_equals_mha_exactly():
     torch.manual_seed(0)
     mha = Transformer(cfg(8)).eval()
     same = convert_to_gqa(mha, 8)
+    assert same is not mha
     ids = torch.randint(0, 101, (2, 12))
+    # Exact: a mean over groups of one head copies the weights, and the two models run the same operations.
     assert torch.equal(mha(ids).logits, same(ids).logits)
 
 

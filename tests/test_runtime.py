@@ -90,5 +90,8 @@ def test_check(capsys):
     check("sum", 2 + 2, 4)
     assert "✓ sum" in capsys.readouterr().out
     check("close", 1.0 + 1e-12, 1.0, tol=1e-9)
-    with pytest.raises(AssertionError, match="got 5, expected 4. Hint: count again"):
+    assert "✓ close" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="close"):
+        check("close", 1.0 + 1e-6, 1.0, tol=1e-9)  # the tolerance is a real bound
+    with pytest.raises(AssertionError, match="got 5, expected something else. Hint: count again"):
         check("sum", 5, 4, hint="count again")
