@@ -1,12 +1,13 @@
 # Two commands do everything (see README):
 #   make lab    set up .venv if needed, then open the course in JupyterLab
-#   make test   set up .venv if needed, then run every test and every notebook
+#   make test   set up .venv if needed, then run every test and every notebook (twice: the second
+#               time on PyTorch's portable kernels), and the browser test when Chromium is present
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.llmlab-installed
 
-.PHONY: lab test setup notebooks bench clean
+.PHONY: lab test test-portable test-ui setup notebooks bench clean
 
 setup: $(STAMP)
 
@@ -24,15 +25,33 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab $(ROOT_FLAG) course/
 
+# 1. unit tests, exercises, and every notebook under nbval (fast mode under CI=true);
+# 2. the notebooks again on PyTorch's portable kernels with one thread, as another CPU would compute;
+# 3. the widgets in a real browser, or a clear line saying why not.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile --nbval-lax tests course
+	$(PY) -m pytest -n 2 --dist loadfile --nbval-lax --ignore=tests/ui tests course
+	@$(MAKE) --no-print-directory test-portable
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+		$(MAKE) --no-print-directory test-ui; \
+	else \
+		echo "make test: SKIPPED the browser test (tests/ui): chromium and chromedriver are not installed."; \
+		echo "           Install them (Debian/Ubuntu: apt-get install chromium chromium-driver), then: make test-ui"; \
+	fi
+
+test-portable: $(STAMP)
+	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile --nbval-lax -p no:cacheprovider course
+
+test-ui: $(STAMP)
+	$(PY) -m pytest -p no:cacheprovider tests/ui
 
 # Re-execute every notebook in place (full mode) so that the committed outputs are fresh,
-# then merge the many small outputs that streamed prints leave behind.
+# then merge the many small outputs that streamed prints leave behind, and drop live widgets that
+# cannot run unexecuted (the explorers leave a static preview beside them).
 notebooks: $(STAMP)
 	LLMLAB_FAST=0 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
 		--ExecutePreprocessor.timeout=1800 course/*.ipynb
 	$(VENV)/bin/jupyter nbconvert --to notebook --inplace --coalesce-streams course/*.ipynb
+	$(PY) -m llmlab.strip_widgets course/*.ipynb
 
 bench: $(STAMP)
 	$(PY) -m llmlab.bench all
