@@ -223,3 +223,18 @@ def test_prefill_is_compute_bound_and_decode_bandwidth_bound():
     assert decode < 2 < ridge < prefill
     assert calc.roofline(decode, peak, bandwidth) == pytest.approx(decode * bandwidth)
     assert calc.roofline(prefill, peak, bandwidth) == peak
+
+
+def test_decode_intensity_limit_is_positive_and_the_large_batch_limit():
+    # The ceiling batching approaches: one sequence's FLOPs ÷ its own KV bytes. Subtracting all the
+    # weights (weight_bytes, with the embedding table) instead of the weights a pass reads
+    # (weights_read_per_pass) made the 512- and 2,000-token ceilings negative in notebook 09.
+    cfg = get_config("llama3-8b")
+    assert calc.forward_bytes(cfg, 0, 1, 0) == calc.weights_read_per_pass(cfg) * 2  # the shared read
+    assert calc.weights_read_per_pass(cfg) * 2 < calc.weight_bytes(cfg, "bf16")
+    for context, expected in [(512, 228), (2000, 61), (8192, 18)]:
+        limit = calc.decode_intensity_limit(cfg, context)
+        assert limit > 0
+        assert limit == pytest.approx(expected, rel=0.02)
+        assert calc.arithmetic_intensity(cfg, 64, 1, context) < limit
+        assert calc.arithmetic_intensity(cfg, 10**6, 1, context) == pytest.approx(limit, rel=0.01)
