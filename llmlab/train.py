@@ -99,6 +99,28 @@ class History:
     seconds: float = 0.0
 
 
+def _in_jupyter() -> bool:
+    """True inside a Jupyter kernel, where stdout becomes a cell's output."""
+    from llmlab.notebook import _in_notebook
+
+    return _in_notebook()
+
+
+def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "training"):
+    """A plain-text tqdm bar: to stdout in a notebook, to stderr in a terminal.
+
+    Plain text rather than a widget: a notebook keeps the bar as a stream whose
+    last line (after the carriage returns) is the final state, e.g. ``800/800``,
+    so a saved or widget-less notebook shows where the run ended, not ``0/800``.
+    """
+    import sys
+
+    from tqdm.std import tqdm
+
+    file = sys.stdout if _in_jupyter() else sys.stderr
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", file=file)
+
+
 class Trainer:
     """Train a model on a token stream (notebook 07).
 
@@ -200,16 +222,17 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
 
     def fit(self, callback: Callable[[Trainer], None] | None = None, progress: bool = True) -> History:
-        """Train until ``steps`` (or ``max_minutes``); evaluate, call ``callback`` after each evaluation."""
-        from tqdm.auto import tqdm
+        """Train until ``steps`` (or ``max_minutes``); evaluate, call ``callback`` after each evaluation.
 
+        ``progress`` shows a plain-text bar (see :func:`progress_bar`); its last line is the final step.
+        """
         cfg = self.cfg
         start = time.perf_counter()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="training", unit="step")
+        bar = progress_bar(total=cfg.steps, initial=self.step, enabled=progress)
         while self.step < cfg.steps:
             loss = self.train_step()
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.history.lr[-1]:.1e}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.history.lr[-1]:.1e}")
             elapsed = self.history.seconds + time.perf_counter() - start
             out_of_time = cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps or out_of_time:

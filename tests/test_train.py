@@ -125,3 +125,29 @@ def test_periodic_checkpoints_are_resumable(data, tmp_path):
         again.resume(folder)
         assert again.step == steps
         assert all(torch.equal(a, b) for a, b in zip(t.model.state_dict().values(), again.model.state_dict().values()))
+
+
+def _last_line(text: str) -> str:
+    """What a terminal or a notebook shows of a progress stream: the text after the last carriage return."""
+    return [part for part in text.replace("\n", "\r").split("\r") if part.strip()][-1]
+
+
+@pytest.mark.parametrize("in_notebook", [False, True])
+def test_progress_ends_on_the_last_step(data, capsys, monkeypatch, in_notebook):
+    import llmlab.train
+
+    monkeypatch.setattr(llmlab.train, "_in_jupyter", lambda: in_notebook)
+    t = trainer(data, 5)
+    t.fit(progress=True)
+    captured = capsys.readouterr()
+    shown, other = (captured.out, captured.err) if in_notebook else (captured.err, captured.out)
+    assert other == ""  # a notebook gets stdout (a plain stream, no widget); a terminal stderr
+    final = _last_line(shown)
+    assert "5/5" in final and "100%" in final, final
+    assert "loss=" in final
+
+
+def test_progress_false_is_quiet(data, capsys):
+    trainer(data, 3).fit(progress=False)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
