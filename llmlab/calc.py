@@ -229,6 +229,16 @@ def forward_bytes(config: ModelConfig, batch: int, new_tokens: int, context: int
     return weights_read_per_pass(config) * dtype_bytes(dtype) + kv_read + kv_written
 
 
+def decode_step_bytes(config: ModelConfig, context: int, dtype: str = "bf16", batch: int = 1) -> float:
+    """Bytes one decode step moves: the course's one definition (notebooks 08, 09, 10).
+
+    Every weight a pass reads (:func:`weights_read_per_pass`: all but the lookup tables) once,
+    plus each sequence's KV cache of ``context`` tokens read, plus its new token's K/V written —
+    :func:`forward_bytes` with one new token per sequence.
+    """
+    return forward_bytes(config, batch, 1, context, dtype)
+
+
 def forward_flops(config: ModelConfig, batch: int, new_tokens: int, context: int) -> float:
     """FLOPs of one forward pass over ``new_tokens`` per sequence attending to ``context`` earlier tokens.
 

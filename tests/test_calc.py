@@ -238,3 +238,11 @@ def test_decode_intensity_limit_is_positive_and_the_large_batch_limit():
         assert limit == pytest.approx(expected, rel=0.02)
         assert calc.arithmetic_intensity(cfg, 64, 1, context) < limit
         assert calc.arithmetic_intensity(cfg, 10**6, 1, context) == pytest.approx(limit, rel=0.01)
+
+
+def test_decode_step_bytes_is_the_one_definition():
+    llama = get_config("llama3-8b")
+    weights = calc.weights_read_per_pass(llama) * 2
+    assert calc.decode_step_bytes(llama, 1000) == weights + 1001 * 131_072
+    assert calc.decode_step_bytes(llama, 1000, batch=4) == calc.forward_bytes(llama, 4, 1, 1000)
+    assert calc.decode_step_bytes(llama, 0) < calc.weight_bytes(llama, "bf16")  # the embedding table is a lookup
