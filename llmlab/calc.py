@@ -5,14 +5,31 @@ used by every later one.  Everything here is plain Python arithmetic on a
 ``ModelConfig``: no tensors are allocated, so GPT-3 175B or Llama-3-70B is
 sized instantly.  ``param_counts`` agrees exactly with ``llmlab.model.Transformer``
 (the tests check it).
+
+Every public function checks its inputs at the boundary (see the end of the
+module): a config must be a ``ModelConfig`` (or a preset name such as
+``"llama3-8b"``), counts of tokens and sequences are integers ≥ 0, memory is a
+positive finite number, and so on; anything else raises :class:`CalcError`
+naming the argument and what it accepts.
 """
 
 from __future__ import annotations
 
-from llmlab.config import ModelConfig
+import functools
+import inspect
+from collections.abc import Callable
+from numbers import Real
+from typing import Any
+
+from llmlab.config import ModelConfig, get_config
+from llmlab.errors import LlmlabError, require_finite, require_int
 
 DTYPE_BYTES: dict[str, float] = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}
 """Bytes per stored value for each number format."""
+
+
+class CalcError(LlmlabError, ValueError):
+    """A calculator was given an argument it cannot size (the message names it and what it accepts)."""
 
 
 # --- parameters ---------------------------------------------------------------------------
@@ -146,8 +163,8 @@ def training_flops(config: ModelConfig, n_tokens: int, context: int | None = Non
 
 def dtype_bytes(dtype: str) -> float:
     """Bytes per value of ``dtype`` ("fp32", "fp16", "bf16", "int8", "int4")."""
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_BYTES)}.")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise CalcError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_BYTES)}.")
     return DTYPE_BYTES[dtype]
 
 
@@ -303,3 +320,132 @@ def human_count(n: float, digits: int = 1) -> str:
         if abs(value) >= size:
             return f"{value / size:.{digits}f}{unit}"
     return f"{value:g}"
+
+
+# --- the boundary: every public function checks its arguments -----------------------------
+#
+# The formulas above are what the notebooks show; the checks are applied here, by argument
+# name, so that each one is written once: ``batch`` means the same thing in every function.
+# Number formats are checked where they are used, by ``dtype_bytes``.
+
+
+def _config(name: str, value: Any) -> ModelConfig:
+    if isinstance(value, ModelConfig):
+        return value
+    if isinstance(value, str):
+        return get_config(value)  # an unknown name: ConfigError listing the presets
+    raise CalcError(f"{name} must be a ModelConfig (e.g. get_config('llama3-8b')) or a preset name, "
+                    f"got {value!r} ({type(value).__name__}).")
+
+
+def _config_or_count(name: str, value: Any) -> ModelConfig | float:
+    """``weight_bytes`` also takes a parameter count (``175e9``)."""
+    if isinstance(value, (ModelConfig, str)):
+        return _config(name, value)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise CalcError(f"{name} must be a ModelConfig, a preset name or a parameter count (e.g. 175e9), "
+                        f"got {value!r} ({type(value).__name__}).")
+    return _number(name, value, "a parameter count ≥ 0 (e.g. 175e9)", minimum=0)
+
+
+def _int(minimum: int, what: str, maximum: int | None = None) -> Callable[[str, Any], int]:
+    def check(name: str, value: Any) -> int:
+        try:
+            return require_int(name, value, minimum=minimum, maximum=maximum, error=CalcError)
+        except CalcError:
+            raise CalcError(f"{name} must be {what}, got {value!r}.") from None
+    return check
+
+
+def _number(name: str, value: Any, what: str, minimum: float | None = None, maximum: float | None = None,
+            *, below_maximum: bool = False, above_minimum: bool = False) -> float:
+    try:
+        number = require_finite(name, value, minimum=minimum, maximum=maximum, error=CalcError)
+    except CalcError:
+        number = None
+    if number is None or (below_maximum and number == maximum) or (above_minimum and number == minimum):
+        raise CalcError(f"{name} must be {what}, got {value!r}.")
+    return value
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise CalcError(f"{name} must be True or False, got {value!r}.")
+    return value
+
+
+def _display_number(name: str, value: Any) -> Any:
+    """The formatters take any finite number (ints, floats, NumPy or 0-d tensor scalars)."""
+    if isinstance(value, (bool, str, bytes)):
+        number = None
+    else:
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            number = None
+    if number is None or number != number or number in (float("inf"), float("-inf")):
+        raise CalcError(f"{name} must be a finite number, got {value!r}.")
+    return value
+
+
+_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "config": _config,
+    "batch": _int(0, "an integer ≥ 0 (sequences in the batch)"),
+    "tokens": _int(0, "an integer ≥ 0 (tokens per sequence), or None for the full context"),
+    "context": _int(0, "an integer ≥ 0 (tokens already in the context)"),
+    "new_tokens": _int(0, "an integer ≥ 0 (tokens each sequence adds in this pass)"),
+    "seq_len": _int(1, "an integer ≥ 1 (tokens per sequence)"),
+    "n_gpus": _int(1, "an integer ≥ 1"),
+    "n_in": _int(0, "an integer ≥ 0 (input features)"),
+    "n_out": _int(0, "an integer ≥ 0 (output features)"),
+    "dim": _int(1, "an integer ≥ 1 (features normalised), or None for d_model"),
+    "digits": _int(0, "an integer from 0 to 20 (digits after the point)", maximum=20),
+    "n_tokens": lambda name, value: _number(name, value, "a number of tokens ≥ 0 (e.g. 300e9)", 0),
+    "gpu_bytes": lambda name, value: _number(name, value, "a positive number of bytes (e.g. 80e9)", 0,
+                                             above_minimum=True),
+    "reserve_fraction": lambda name, value: _number(
+        name, value, "a fraction in [0, 1) (0.1 keeps a tenth of memory back)", 0, 1, below_maximum=True),
+    "intensity": lambda name, value: _number(name, value, "a finite number ≥ 0 (FLOPs per byte)", 0),
+    "peak_flops": lambda name, value: _number(name, value, "a finite number ≥ 0 (FLOP/s)", 0),
+    "bandwidth": lambda name, value: _number(name, value, "a finite number ≥ 0 (bytes/s)", 0),
+    "n": _display_number,
+    "bias": _bool, "include_bias": _bool, "include_lm_head": _bool, "binary": _bool,
+}
+"""How each argument name is checked, in every function that takes it."""
+
+
+def _checked(function: Callable, overrides: dict[str, Callable] | None = None) -> Callable:
+    """``function`` with its arguments checked by name (``_CHECKS``); an overflow becomes a CalcError."""
+    signature = inspect.signature(function)
+    checks = {**_CHECKS, **(overrides or {})}
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as err:
+            raise CalcError(f"{function.__name__}(): {err}; see help(calc.{function.__name__}).") from None
+        for name, value in bound.arguments.items():
+            optional = signature.parameters[name].default is None
+            if name in checks and not (optional and value is None):
+                bound.arguments[name] = checks[name](name, value)
+        try:
+            return function(*bound.args, **bound.kwargs)
+        except OverflowError:
+            raise CalcError(f"{function.__name__}(): the result is too large for a float (over 1e308): "
+                            "check the sizes for a typo.") from None
+
+    return wrapper
+
+
+_PUBLIC = [
+    "linear_params", "norm_params", "attention_params", "qk_norm_params", "mlp_params", "param_counts",
+    "flops_per_token", "training_flops_per_token", "training_flops", "dtype_bytes", "kv_bytes_per_token",
+    "kv_cache_bytes", "max_concurrent_sequences", "weights_read_per_pass", "forward_bytes",
+    "decode_step_bytes", "forward_flops", "arithmetic_intensity", "decode_intensity_limit", "roofline",
+    "human_bytes", "human_count",
+]
+for _name in _PUBLIC:
+    globals()[_name] = _checked(globals()[_name])
+weight_bytes = _checked(weight_bytes, {"config": _config_or_count})
+del _name

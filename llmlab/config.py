@@ -15,8 +15,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from llmlab.errors import LlmlabError, require_finite, require_int
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "relu", "swiglu")
@@ -26,8 +29,13 @@ POSITIONALS = ("learned", "sinusoidal", "rope", "none")
 _DERIVED = ("n_kv_heads", "head_dim", "d_ff")
 _POSITIVE_INTS = ("vocab_size", "context_length", "d_model", "n_layers", "n_heads")
 
+MAX_SIZE = 2**31 - 1
+"""Largest value of any size field (vocab_size, context_length, d_model, …).  Far beyond every
+model there is (vocabularies reach ~256k, contexts ~10M tokens), and it keeps every product the
+calculators form, and every tensor shape, in range."""
 
-class ConfigError(ValueError):
+
+class ConfigError(LlmlabError, ValueError):
     """A model configuration that cannot be built, with a message that says how to fix it."""
 
 
@@ -121,8 +129,12 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build (and validate) a config from ``to_dict()``'s output (notebook 06)."""
         if not isinstance(data, dict):
-            raise ConfigError(f"from_dict() needs a dict, got {type(data).__name__}.")
+            raise ConfigError(
+                f"a config must be a mapping of field names to values ({{\"name\": ..., \"vocab_size\": ...}}, "
+                f"as to_dict() writes it), got {type(data).__name__}."
+            )
         _reject_unknown_keys(data, "from_dict()")
+        _reject_missing_keys(data, "from_dict()")
         return cls(**data)
 
     def to_json(self) -> str:
@@ -130,9 +142,16 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> ModelConfig:
-        """Read a config written by ``to_json``."""
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str | bytes) -> ModelConfig:
+        """Read a config written by ``to_json``; text that is not JSON of a config gives ``ConfigError``."""
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise ConfigError(f"from_json() reads JSON text (a str), got {type(text).__name__}; "
+                              "for a dict use ModelConfig.from_dict().")
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"the config is not valid JSON ({err}); write it with config.to_json().") from None
+        return cls.from_dict(data)
 
 
 # --- validation ------------------------------------------------------------------------
@@ -145,6 +164,9 @@ def _field_names() -> list[str]:
 def _reject_unknown_keys(keys: dict[str, Any], where: str) -> None:
     known = _field_names()
     for key in keys:
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: config field names are strings, got {key!r}. Known fields: "
+                              f"{', '.join(known)}.")
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -153,13 +175,37 @@ def _reject_unknown_keys(keys: dict[str, Any], where: str) -> None:
             )
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _reject_missing_keys(data: dict[str, Any], where: str) -> None:
+    required = [f.name for f in dataclasses.fields(ModelConfig)
+                if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ConfigError(f"{where}: the config lacks {', '.join(map(repr, missing))}; every config needs "
+                          f"{', '.join(required)} (the other fields have defaults).")
 
 
 def _check_positive_int(name: str, value: Any) -> None:
-    if not _is_int(value) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+    try:
+        require_int(name, value, minimum=1, error=ConfigError)
+    except ConfigError:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}.") from None
+    if value > MAX_SIZE:
+        raise ConfigError(f"{name}={value:,} is larger than any model has (the limit is {MAX_SIZE:,}): "
+                          "check for a typo.")
+
+
+def _check_number(name: str, value: Any, valid: str, low: float, high: float | None = None, *,
+                  low_open: bool = True, high_open: bool = True, hint: str = "") -> None:
+    """``value`` must be a finite number between ``low`` and ``high`` (ends open or closed); ``valid`` says so."""
+    try:
+        number = require_finite(name, value, error=ConfigError)
+    except ConfigError:
+        number = None
+    ok = number is not None and (number > low if low_open else number >= low)
+    if ok and high is not None:
+        ok = number < high if high_open else number <= high
+    if not ok:
+        raise ConfigError(f"{name} must be {valid}, got {value!r}" + (f"; {hint}." if hint else "."))
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -184,12 +230,11 @@ def _check_basic_fields(cfg: ModelConfig) -> None:
     for name in ("bias", "tie_embeddings", "qk_norm"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(f"{name} must be True or False, got {getattr(cfg, name)!r}.")
-    if not isinstance(cfg.rope_theta, (int, float)) or cfg.rope_theta <= 0:
-        raise ConfigError(f"rope_theta must be a positive number, got {cfg.rope_theta!r}.")
-    if not isinstance(cfg.norm_eps, (int, float)) or not 0 < cfg.norm_eps < 1:
-        raise ConfigError(f"norm_eps must be a small positive number such as 1e-5, got {cfg.norm_eps!r}.")
-    if not isinstance(cfg.dropout, (int, float)) or not 0 <= cfg.dropout < 1:
-        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout!r}; use 0.0 to turn it off.")
+    _check_number("rope_theta", cfg.rope_theta, "a positive number greater than 1 (RoPE's base: 10,000 in "
+                  "the original paper, 500,000 in Llama 3)", 1.0)
+    _check_number("norm_eps", cfg.norm_eps, "a small positive number such as 1e-5", 0.0, 1.0)
+    _check_number("dropout", cfg.dropout, "in [0, 1)", 0.0, 1.0, low_open=False,
+                  hint="use 0.0 to turn it off")
 
 
 def _check_derived_fields(cfg: ModelConfig) -> None:
@@ -197,7 +242,7 @@ def _check_derived_fields(cfg: ModelConfig) -> None:
         raise ConfigError(
             f"n_heads={cfg.n_heads} is not divisible by n_kv_heads={cfg.n_kv_heads}: each key/value "
             f"head serves an equal group of query heads, so pick n_kv_heads among the divisors of "
-            f"n_heads ({', '.join(map(str, _divisors(cfg.n_heads)))})."
+            f"n_heads ({_some(_divisors(cfg.n_heads))})."
         )
     if cfg.positional == "rope" and cfg.head_dim % 2 != 0:
         raise ConfigError(
@@ -207,7 +252,15 @@ def _check_derived_fields(cfg: ModelConfig) -> None:
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """The divisors of ``n`` in increasing order (trial division up to √n: fast for any MAX_SIZE value)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def _some(numbers: list[int], limit: int = 12) -> str:
+    """``1, 2, 4, 8`` — or the first ``limit`` numbers and an ellipsis."""
+    shown = ", ".join(map(str, numbers[:limit]))
+    return shown + (", …" if len(numbers) > limit else "")
 
 
 def _heads_do_not_divide(d_model: int, n_heads: int) -> str:
@@ -290,6 +343,9 @@ def get_config(name: str, /, **overrides: Any) -> ModelConfig:
     >>> get_config("course-tiny", n_layers=2).n_layers
     2
     """
+    if not isinstance(name, str):
+        raise ConfigError(f"a preset name is a string such as 'course-tiny', got {name!r} ({type(name).__name__}). "
+                          f"Available presets: {', '.join(PRESETS)}.")
     if name not in PRESETS:
         close = difflib.get_close_matches(str(name), PRESETS, n=1, cutoff=0.4)
         hint = f" Did you mean {close[0]!r}?" if close else ""

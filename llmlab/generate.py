@@ -20,23 +20,31 @@ the tokens it would get on its own.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from numbers import Integral
 
 import torch
 
 from llmlab.cache import KVCache
 from llmlab.compiled import CompiledDecoder
+from llmlab.config import ModelConfig
+from llmlab.errors import LlmlabError
 from llmlab.sampling import SamplingParams, make_generator, sample_next
 
 PAD_ID = 0
 """Id written into padding positions (never seen: the attention mask hides it)."""
 
 
-class PromptError(ValueError):
-    """A prompt that cannot be generated from (empty, or longer than the context)."""
+class GenerateError(LlmlabError, ValueError):
+    """A generation request that cannot run (wrong model, parameters or options); the message says what to pass."""
+
+
+class PromptError(GenerateError):
+    """A prompt that cannot be generated from (empty, not token ids, or longer than the context)."""
 
 
 def check_prompt(ids: Sequence[int], context_length: int) -> None:
-    """Apply the context rule to a prompt's ids (see the module docstring)."""
+    """Apply the context rule to a prompt's ids (see the module docstring); ids must be integers."""
+    _check_ids_type(ids)
     if len(ids) == 0:
         raise PromptError("the prompt is empty: give at least one character (e.g. 'ROMEO:').")
     if len(ids) > context_length:
@@ -46,8 +54,62 @@ def check_prompt(ids: Sequence[int], context_length: int) -> None:
         )
 
 
+def _check_ids_type(ids) -> None:
+    """A prompt is a list (or tuple, or 1-D integer tensor) of token ids, not text."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise PromptError(f"a prompt tensor must be 1-D integer token ids, got shape {tuple(ids.shape)} and "
+                              f"dtype {ids.dtype}; encode text with tokenizer.encode(text).")
+        return
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise PromptError(f"a prompt must be a list of token ids, got {type(ids).__name__}; "
+                          "encode text first with tokenizer.encode(text).")
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, Integral):
+            raise PromptError(f"a prompt must hold integer token ids, got {token!r} ({type(token).__name__}); "
+                              "encode text with tokenizer.encode(text).")
+
+
+def check_request(model, prompts: Sequence[Sequence[int]], params: SamplingParams, use_cache: bool = True,
+                  compiled: bool = False) -> None:
+    """Everything a generation call needs, checked before any work (notebook 08).
+
+    ``model`` is an llmlab ``Transformer``, ``prompts`` a non-empty list of prompts
+    (each a list of token ids within the context), ``params`` a ``SamplingParams``.
+    """
+    config = getattr(model, "config", None)
+    if not isinstance(model, torch.nn.Module) or not isinstance(config, ModelConfig):
+        raise GenerateError(f"model must be an llmlab Transformer (e.g. load_checkpoint().model), got "
+                            f"{type(model).__name__}.")
+    if not isinstance(params, SamplingParams):
+        raise GenerateError(f"params must be a SamplingParams (e.g. SamplingParams(temperature=0.8)), got "
+                            f"{type(params).__name__}.")
+    for name, flag in (("use_cache", use_cache), ("compiled", compiled)):
+        if not isinstance(flag, bool):
+            raise GenerateError(f"{name} must be True or False, got {flag!r}.")
+    if compiled and not use_cache:
+        raise GenerateError("compiled=True compiles the cached decode step: use it with use_cache=True.")
+    _check_prompts(prompts, config.context_length)
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]], context_length: int) -> None:
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise PromptError(f"a tensor of prompts must be [batch, seq] token ids, got shape {tuple(prompts.shape)}; "
+                              "for one prompt use generate_ids().")
+    elif isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise PromptError(f"prompts must be a list of prompts (each a list of token ids), got "
+                          f"{type(prompts).__name__}; for one prompt use generate_ids().")
+    if len(prompts) == 0:
+        raise PromptError("prompts is empty: give at least one prompt (a list of token ids).")
+    for prompt in prompts:
+        check_prompt(prompt, context_length)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, mask)``, both ``[batch, longest]``: prompts right-aligned, mask 1 on real tokens."""
+    if len(prompts) == 0:
+        raise PromptError("there are no prompts to pad: give at least one prompt (a list of token ids).")
     longest = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), longest), PAD_ID, dtype=torch.long, device=device)
     mask = torch.zeros((len(prompts), longest), dtype=torch.long, device=device)
@@ -147,6 +209,7 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], params: SamplingPara
 def generate_many(model, prompts: Sequence[Sequence[int]], params: SamplingParams,
                   use_cache: bool = True, *, compiled: bool = False) -> list[list[int]]:
     """Every prompt's new ids, each ending at (and including) its first stop id."""
+    check_request(model, prompts, params, use_cache, compiled)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for step in generate_batch(model, prompts, params, use_cache, compiled=compiled):
@@ -159,9 +222,12 @@ def generate_many(model, prompts: Sequence[Sequence[int]], params: SamplingParam
 
 def generate_ids(model, prompt_ids: Sequence[int], params: SamplingParams, use_cache: bool = True, *,
                  compiled: bool = False) -> Iterator[int]:
-    """Yield one sequence's new ids as they come (streaming), stopping at ``max_new_tokens`` or a stop id."""
-    for step in generate_batch(model, [prompt_ids], params, use_cache, compiled=compiled):
-        yield int(step[0])
+    """Yield one sequence's new ids as they come (streaming), stopping at ``max_new_tokens`` or a stop id.
+
+    The request is checked when this is called, before the first id is asked for.
+    """
+    check_request(model, [prompt_ids], params, use_cache, compiled)
+    return (int(step[0]) for step in generate_batch(model, [prompt_ids], params, use_cache, compiled=compiled))
 
 
 def stream_text(model, tokenizer, prompt: str, params: SamplingParams, use_cache: bool = True, *,

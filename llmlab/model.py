@@ -16,6 +16,7 @@ With ``targets`` the model also returns the next-token cross-entropy loss
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmlab.cache import KVCache
-from llmlab.config import ModelConfig, get_config
+from llmlab.config import ConfigError, ModelConfig, get_config
+from llmlab.errors import LlmlabError
 from llmlab.layers.block import DecoderBlock
 from llmlab.layers.embedding import TokenEmbedding
 from llmlab.layers.norm import make_norm
@@ -36,8 +38,20 @@ INIT_STD = 0.02
 """Standard deviation of the initial weights (as GPT-2)."""
 
 
-class ContextLengthError(ValueError):
+class ModelInputError(LlmlabError, ValueError):
+    """Input the model cannot take (wrong shape, empty, wrong device); the message says how to fix it."""
+
+
+class ModelInputTypeError(ModelInputError, TypeError):
+    """Input of the wrong type (not a tensor, or not integer ids); also a TypeError."""
+
+
+class ContextLengthError(ModelInputError):
     """A sequence (or a position) beyond the model's ``context_length``."""
+
+
+class ModelSizeError(LlmlabError, RuntimeError):
+    """A config too large to build here (its weights do not fit in this machine's memory)."""
 
 
 @dataclass
@@ -59,6 +73,7 @@ class Transformer(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        _check_buildable(config)
         self.config = config
         self.token_embedding = TokenEmbedding(config.vocab_size, config.d_model)
         self.position_embedding = _make_positions(config)
@@ -155,16 +170,20 @@ class Transformer(nn.Module):
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if not isinstance(ids, torch.Tensor):
-            raise TypeError(f"ids must be a torch.Tensor of token ids, got {type(ids).__name__}; "
-                            "wrap it: torch.tensor([[...]]).")
+            raise ModelInputTypeError(f"ids must be a torch.Tensor of token ids, got {type(ids).__name__}; "
+                                      "wrap it: torch.tensor([[...]]).")
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise TypeError(f"ids must be integer token ids (torch.long), got dtype {ids.dtype}; "
-                            "use ids.long() if they are whole numbers stored as floats.")
+            raise ModelInputTypeError(f"ids must be integer token ids (torch.long), got dtype {ids.dtype}; "
+                                      "use ids.long() if they are whole numbers stored as floats.")
         if ids.dim() != 2:
-            raise ValueError(f"ids must have shape [batch, seq], got shape {tuple(ids.shape)}; "
-                             "for a single sequence use ids.unsqueeze(0).")
+            raise ModelInputError(f"ids must have shape [batch, seq], got shape {tuple(ids.shape)}; "
+                                  "for a single sequence use ids.unsqueeze(0).")
         if ids.shape[1] == 0:
-            raise ValueError("ids is empty (seq length 0): give the model at least one token.")
+            raise ModelInputError("ids is empty (seq length 0): give the model at least one token.")
+        weights = self.token_embedding.weight
+        if ids.device != weights.device and weights.device.type != "meta":
+            raise ModelInputError(f"ids are on {ids.device} but the model is on {weights.device}: move them with "
+                                  f"ids.to('{weights.device}').")
         limit = self.config.context_length
         if ids.shape[1] > limit:
             raise ContextLengthError(
@@ -174,9 +193,13 @@ class Transformer(nn.Module):
             )
 
     def _check_positions(self, positions: torch.Tensor, ids: torch.Tensor) -> None:
+        if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
+            what = f"dtype {positions.dtype}" if isinstance(positions, torch.Tensor) else type(positions).__name__
+            raise ModelInputTypeError(f"positions must be a tensor of integer positions (torch.long), got {what}; "
+                                      "leave positions=None to number the tokens 0, 1, 2, ...")
         if positions.shape not in (ids.shape[1:], ids.shape):
-            raise ValueError(f"positions must have shape [seq] or [batch, seq] = {tuple(ids.shape)}, "
-                             f"got {tuple(positions.shape)}.")
+            raise ModelInputError(f"positions must have shape [seq] or [batch, seq] = {tuple(ids.shape)}, "
+                                  f"got {tuple(positions.shape)}.")
         if torch.compiler.is_compiling():  # reading values would split a compiled graph; eager calls check
             return
         if int(positions.max()) >= self.config.context_length or int(positions.min()) < 0:
@@ -185,6 +208,32 @@ class Transformer(nn.Module):
                 f"{self.config.context_length}), got up to {int(positions.max())}: truncate the "
                 "sequence or raise context_length."
             )
+
+
+def _check_buildable(config: ModelConfig) -> None:
+    """A ModelConfig whose fp32 weights fit in this machine's memory (checked before allocating any).
+
+    Building on the ``meta`` device (shapes only) or on a GPU is not limited here.
+    """
+    if not isinstance(config, ModelConfig):
+        hint = (f" use Transformer.from_preset({config!r})" if isinstance(config, str)
+                else " build one with get_config('course-tiny') or ModelConfig(...)")
+        raise ConfigError(f"Transformer() needs a ModelConfig, got {type(config).__name__};{hint}.")
+    if torch.get_default_device().type != "cpu" or not hasattr(os, "sysconf"):
+        return
+    from llmlab.calc import human_bytes, param_counts
+
+    needed = param_counts(config)["total"] * torch.get_default_dtype().itemsize
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return
+    if needed > memory:
+        raise ModelSizeError(
+            f"config {config.name!r} has {param_counts(config)['total']:,} parameters: {human_bytes(needed)} of "
+            f"weights, more than this machine's {human_bytes(memory)} of memory. Size it without building it "
+            "(llmlab.calc), build it on the meta device (with torch.device('meta'): ...), or shrink the config."
+        )
 
 
 def _make_positions(config: ModelConfig) -> nn.Module | None:

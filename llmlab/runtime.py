@@ -14,11 +14,27 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from llmlab.errors import LlmlabError, require_int
+
 FAST_ENV = "LLMLAB_FAST"
 """Environment variable that turns fast mode on ("1") or off ("0")."""
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+
+DEVICE_ENV = "LLMLAB_DEVICE"
+"""Environment variable that forces a device ("cpu", "cuda", "cuda:1", "mps")."""
+
+MAX_SEED = 2**32 - 1
+"""NumPy's ``np.random.seed`` takes 0 … 2**32 - 1, so :func:`seed_everything` does too."""
+
+
+class SettingError(LlmlabError, ValueError):
+    """An environment setting or runtime argument (LLMLAB_FAST, a seed) that cannot be used."""
+
+
+class DeviceError(SettingError, RuntimeError):
+    """A device that does not exist or is not available here (the message says what to use instead)."""
 
 
 def fast_mode() -> bool:
@@ -35,7 +51,7 @@ def fast_mode() -> bool:
         return True
     if value in _FALSE:
         return False
-    raise ValueError(
+    raise SettingError(
         f"{FAST_ENV} (or CI) is {value!r}; set it to 1/true/yes/on or 0/false/no/off."
     )
 
@@ -49,22 +65,48 @@ def device(prefer: str | None = None) -> torch.device:
     """The device the course computes on: CUDA when present, else CPU.
 
     ``prefer`` (or the ``LLMLAB_DEVICE`` environment variable) forces a choice,
-    e.g. ``"cpu"`` on a GPU machine; asking for CUDA where there is none is an error.
+    e.g. ``"cpu"`` on a GPU machine; a device that is not there is a :class:`DeviceError`.
     """
-    choice = prefer or os.environ.get("LLMLAB_DEVICE")
-    if choice:
-        dev = torch.device(choice)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(
-                f"device {choice!r} was asked for but CUDA is not available here; "
-                "use 'cpu' or unset LLMLAB_DEVICE."
-            )
-        return dev
+    if prefer:
+        return _available(prefer, "device")
+    if os.environ.get(DEVICE_ENV):
+        return _available(os.environ[DEVICE_ENV], DEVICE_ENV)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _available(choice: str | torch.device, source: str) -> torch.device:
+    """``choice`` as a torch.device, or :class:`DeviceError` saying why it cannot be used here.
+
+    ``source`` names where the choice came from (the argument, or ``LLMLAB_DEVICE``).
+    """
+    fix = "unset LLMLAB_DEVICE or set it to 'cpu'" if source == DEVICE_ENV else "use 'cpu'"
+    if not isinstance(choice, (str, torch.device)):
+        raise DeviceError(f"{source} must be a device name such as 'cpu' or 'cuda', got {choice!r} "
+                          f"({type(choice).__name__}).")
+    try:
+        dev = torch.device(choice)
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceError(f"{source} {choice!r} is not a device torch knows: {fix}, or 'cuda' "
+                          "('cuda:1' for the second GPU) on a machine with an NVIDIA GPU.") from None
+    if dev.type == "meta":
+        raise DeviceError(f"{source} {choice!r} holds tensor shapes only, no numbers, so nothing can be computed "
+                          f"on it: {fix}.")
+    backend = getattr(torch, dev.type, None) if dev.type != "cpu" else None
+    if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
+        raise DeviceError(f"{source} {choice!r} was asked for but {dev.type.upper()} is not available here: "
+                          f"{fix}.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"{source} {choice!r} does not exist: this machine has {torch.cuda.device_count()} "
+                          "GPU(s), numbered from cuda:0.")
+    return dev
+
+
 def seed_everything(seed: int = 0) -> torch.Generator:
-    """Seed Python, NumPy and torch (all devices) and return a seeded CPU generator."""
+    """Seed Python, NumPy and torch (all devices) and return a seeded CPU generator.
+
+    ``seed`` is an integer in 0 … 2**32 - 1 (NumPy's range), else :class:`SettingError`.
+    """
+    require_int("seed", seed, minimum=0, maximum=MAX_SEED, error=SettingError)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

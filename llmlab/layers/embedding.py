@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmlab.errors import LlmlabError
 
-class TokenIdError(ValueError, IndexError):
+
+class TokenIdError(LlmlabError, ValueError, IndexError):
     """A token id outside ``0 .. vocab_size - 1`` (catch it as ValueError or IndexError)."""
 
 

@@ -14,15 +14,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmlab.errors import LlmlabError
+
+
+class PositionError(LlmlabError, ValueError):
+    """A position outside the table (``0 .. max_positions - 1``), or positions that are not integers."""
+
+
+class PositionTypeError(PositionError, TypeError):
+    """Positions that are not an integer tensor (also a TypeError)."""
+
 
 def check_positions(positions: torch.Tensor, max_positions: int) -> None:
-    """Raise ``ValueError`` if a position is not an integer in ``0 .. max_positions - 1`` (notebook 03)."""
-    if positions.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"positions must be an integer tensor (torch.long), got {positions.dtype}.")
+    """Raise ``PositionError`` if a position is not an integer in ``0 .. max_positions - 1`` (notebook 03)."""
+    if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
+        what = positions.dtype if isinstance(positions, torch.Tensor) else type(positions).__name__
+        raise PositionTypeError(f"positions must be an integer tensor (torch.long), got {what}.")
     if torch.compiler.is_compiling():  # reading values would split a compiled graph; eager calls check
         return
     if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= max_positions):
-        raise ValueError(
+        raise PositionError(
             f"positions must be in 0..{max_positions - 1} (the table has {max_positions} rows, one "
             f"per position up to context_length); got {int(positions.min())}..{int(positions.max())}. "
             "Truncate the sequence or raise context_length."
