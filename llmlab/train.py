@@ -5,28 +5,63 @@ tokenized corpus split into train/validation, the optimizer and the random
 state; ``fit`` runs steps with a progress bar, evaluates every ``eval_every``
 steps and can write resumable checkpoints.  On CPU, a seeded run is
 bit-for-bit reproducible, and resuming from a checkpoint continues exactly
-where the first run would have gone.
+where the first run would have gone.  A first Ctrl-C lets the current step
+finish and saves a resumable checkpoint (:class:`TrainingInterrupted` says
+where); the output folder is checked before the first step.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmlab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from llmlab.checkpoint import CheckpointError, check_output_dir, load_checkpoint, save_checkpoint
+from llmlab.config import ModelConfig
 from llmlab.data import random_batch, train_val_split
+from llmlab.errors import LlmlabError, require_finite, require_int
+from llmlab.runtime import MAX_SEED
 from llmlab.tokenizer import BPETokenizer
 
+MAX_BATCH_SIZE = 2**20
+"""The largest batch_size a TrainConfig accepts (memory runs out long before; see ``Trainer.fit``)."""
 
-class TrainingError(ValueError):
+
+class TrainingError(LlmlabError, ValueError):
     """A training setting that cannot work (the message says which and why)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :meth:`Trainer.fit`; ``checkpoint`` is the resumable checkpoint left (None: none).
+
+    A KeyboardInterrupt, so code that catches Ctrl-C still does; the message says
+    what was kept and how to continue (notebook 07).
+    """
+
+    def __init__(self, step: int, total: int, checkpoint: Path | None = None, checkpoint_step: int | None = None,
+                 note: str = "") -> None:
+        self.step, self.total, self.note = step, total, note
+        self.checkpoint, self.checkpoint_step = checkpoint, checkpoint_step
+        if checkpoint is None:
+            where = "nothing was saved"
+        else:
+            which = "" if checkpoint_step == step else f" (of step {checkpoint_step})"
+            where = (f"the resumable checkpoint{which} is in {checkpoint}: continue with Trainer.resume "
+                     "(on the command line: the same command plus --resume)")
+        super().__init__(f"training interrupted at step {step} of {total}; {where}" + (f" [{note}]" if note else ""))
+
+
+class _StopRequested(KeyboardInterrupt):
+    """Raised by the loop itself after a held-back Ctrl-C, between two steps."""
 
 
 @dataclass
@@ -55,17 +90,54 @@ class TrainConfig:
     checkpoint_every: int | None = None  # None: only at the end (when checkpoint_dir is set)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every", "eval_batches"):
-            if int(getattr(self, name)) < 1:
-                raise TrainingError(f"{name} must be ≥ 1, got {getattr(self, name)!r}.")
-        if self.warmup_steps < 0 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+        for name in ("steps", "eval_every", "eval_batches"):
+            setattr(self, name, require_int(name, getattr(self, name), minimum=1, error=TrainingError))
+        self.batch_size = require_int("batch_size", self.batch_size, minimum=1, maximum=MAX_BATCH_SIZE,
+                                      error=TrainingError)
+        self.warmup_steps = require_int("warmup_steps", self.warmup_steps, minimum=0, error=TrainingError)
+        self.seed = require_int("seed", self.seed, minimum=0, maximum=MAX_SEED, error=TrainingError)
+        self.block_size = _optional_int("block_size", self.block_size)
+        self.checkpoint_every = _optional_int("checkpoint_every", self.checkpoint_every)
+        self._check_rates()
+        self.val_fraction = require_finite("val_fraction", self.val_fraction, minimum=0, maximum=1, error=TrainingError)
+        if not 0 < self.val_fraction < 1:
             raise TrainingError(
-                f"need warmup_steps ≥ 0 and 0 ≤ min_lr ≤ lr with lr > 0; got warmup_steps={self.warmup_steps}, "
-                f"lr={self.lr}, min_lr={self.min_lr}."
+                f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}; 0.1 is usual."
             )
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise TrainingError(f"max_minutes must be > 0, got {self.max_minutes}.")
-        self.betas = tuple(self.betas)
+        if self.max_minutes is not None:
+            self.max_minutes = _positive("max_minutes", self.max_minutes)
+        if self.checkpoint_dir is not None:
+            if not isinstance(self.checkpoint_dir, (str, os.PathLike)) or not str(self.checkpoint_dir).strip():
+                raise TrainingError(f"checkpoint_dir must be a folder path or None, got {self.checkpoint_dir!r}.")
+            self.checkpoint_dir = os.fspath(self.checkpoint_dir)  # a str, so the trainer state loads with weights_only
+
+    def _check_rates(self) -> None:
+        """Learning rates, weight decay, betas and clipping: finite numbers in their ranges."""
+        self.lr = _positive("lr", self.lr)
+        self.min_lr = require_finite("min_lr", self.min_lr, error=TrainingError)
+        if not 0 <= self.min_lr <= self.lr:
+            raise TrainingError(f"need 0 ≤ min_lr ≤ lr; got lr={self.lr}, min_lr={self.min_lr} (lr / 10 is usual).")
+        self.weight_decay = require_finite("weight_decay", self.weight_decay, minimum=0, error=TrainingError)
+        if self.grad_clip is not None:
+            self.grad_clip = require_finite("grad_clip", self.grad_clip, minimum=0, error=TrainingError)
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise TrainingError(f"betas must be two numbers in [0, 1), e.g. (0.9, 0.95); got {self.betas!r}.")
+        self.betas = tuple(
+            require_finite(f"betas[{i}]", b, minimum=0, error=TrainingError) for i, b in enumerate(self.betas)
+        )
+        if max(self.betas) >= 1:
+            raise TrainingError(f"betas must be in [0, 1), e.g. (0.9, 0.95); got {self.betas}.")
+
+
+def _optional_int(name: str, value) -> int | None:
+    return None if value is None else require_int(name, value, minimum=1, error=TrainingError)
+
+
+def _positive(name: str, value) -> float:
+    value = require_finite(name, value, error=TrainingError)
+    if value <= 0:
+        raise TrainingError(f"{name} must be > 0, got {value}.")
+    return value
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -131,6 +203,9 @@ class Trainer:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: BPETokenizer, ids: torch.Tensor, cfg: TrainConfig) -> None:
+        _check_parts(model, tokenizer, ids, cfg)
+        if cfg.checkpoint_dir:
+            check_output_dir(cfg.checkpoint_dir)  # before any step: a run must not end in a failed save
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.block_size = cfg.block_size or model.config.context_length
         if self.block_size > model.config.context_length:
@@ -138,11 +213,12 @@ class Trainer:
                 f"block_size={self.block_size} exceeds the model's context_length={model.config.context_length}."
             )
         self.train_ids, self.val_ids = train_val_split(ids, cfg.val_fraction)
-        if len(self.val_ids) <= self.block_size:
-            raise TrainingError(
-                f"the validation split has {len(self.val_ids)} tokens, too few for block_size={self.block_size}: "
-                "use more text, a larger val_fraction or a smaller block_size."
-            )
+        for split, part in (("validation", self.val_ids), ("training", self.train_ids)):
+            if len(part) <= self.block_size:
+                raise TrainingError(
+                    f"the {split} split has {len(part)} tokens, too few for block_size={self.block_size}: "
+                    "use more text, a larger val_fraction or a smaller block_size."
+                )
         self.chars_per_token = len(tokenizer.decode(self.val_ids.tolist())) / len(self.val_ids)
         self.device = next(model.parameters()).device
         torch.manual_seed(cfg.seed)  # dropout
@@ -150,6 +226,9 @@ class Trainer:
         self.optimizer = make_optimizer(model, cfg)
         self.step = 0
         self.history = History()
+        self.last_checkpoint: Path | None = None
+        """The folder of the last resumable checkpoint :meth:`save` wrote, and its step."""
+        self.last_checkpoint_step: int | None = None
 
     # -- one step ------------------------------------------------------------------------
 
@@ -225,32 +304,110 @@ class Trainer:
         """Train until ``steps`` (or ``max_minutes``); evaluate, call ``callback`` after each evaluation.
 
         ``progress`` shows a plain-text bar (see :func:`progress_bar`); its last line is the final step.
+        A first Ctrl-C finishes the current step, saves a resumable checkpoint to ``checkpoint_dir``
+        (when set) and raises :class:`TrainingInterrupted`; a second one stops at once.
         """
         cfg = self.cfg
-        start = time.perf_counter()
+        if cfg.checkpoint_dir:
+            check_output_dir(cfg.checkpoint_dir)
+        first_step = self.step
+        self._clock = [self.history.seconds, time.perf_counter()]  # seconds before, start of this stretch
         bar = progress_bar(total=cfg.steps, initial=self.step, enabled=progress)
+        try:
+            with _deferred_interrupt() as ctrl_c:
+                try:
+                    self._loop(callback, bar, ctrl_c)
+                except KeyboardInterrupt as err:
+                    bar.close()
+                    self._stop_clock()
+                    whole = isinstance(err, _StopRequested) or not (ctrl_c.in_step or ctrl_c.pressed)
+                    raise self._interrupted(first_step, whole, ctrl_c.pressed) from err
+        finally:
+            bar.close()
+        self._stop_clock()
+        if cfg.checkpoint_dir and not self._saved_here():
+            self.save(cfg.checkpoint_dir)
+        return self.history
+
+    def _loop(self, callback: Callable[[Trainer], None] | None, bar, ctrl_c: _CtrlC) -> None:
+        cfg = self.cfg
         while self.step < cfg.steps:
-            loss = self.train_step()
+            ctrl_c.in_step = True
+            loss = self._guarded_step()
+            ctrl_c.in_step = False
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.history.lr[-1]:.1e}", refresh=False)
             bar.update(1)
-            elapsed = self.history.seconds + time.perf_counter() - start
-            out_of_time = cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60
+            out_of_time = cfg.max_minutes is not None and self._elapsed() >= cfg.max_minutes * 60
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps or out_of_time:
                 self._record_eval()
                 if callback is not None:
                     callback(self)
             if cfg.checkpoint_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.history.seconds = elapsed
-                start = time.perf_counter()
+                self._stop_clock()
                 self.save(cfg.checkpoint_dir)
+            if ctrl_c.pressed:
+                raise _StopRequested
             if out_of_time:
                 break
-        bar.close()
-        self.history.seconds += time.perf_counter() - start
-        just_saved = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
-        if cfg.checkpoint_dir and not just_saved:
-            self.save(cfg.checkpoint_dir)
-        return self.history
+
+    def _guarded_step(self) -> float:
+        """:meth:`train_step`, turning running out of memory and a diverged loss into a TrainingError."""
+        try:
+            loss = self.train_step()
+        except (torch.OutOfMemoryError, MemoryError) as err:
+            raise self._out_of_memory(err) from err
+        except RuntimeError as err:
+            if "alloc" not in str(err).lower():
+                raise
+            raise self._out_of_memory(err) from err
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss} at step {self.step}: training diverged, and nothing from this step on is "
+                f"saved{self._last_saved_note()}. Lower the learning rate (lr={self.cfg.lr}) and train again."
+            )
+        return loss
+
+    def _out_of_memory(self, err: BaseException) -> TrainingError:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return TrainingError(
+            f"out of memory at step {self.step} with batch_size={self.cfg.batch_size} × block_size={self.block_size} "
+            f"tokens ({first}): use a smaller batch_size or a smaller model{self._last_saved_note(';')}."
+        )
+
+    def _last_saved_note(self, sep: str = ";") -> str:
+        if self.last_checkpoint is None:
+            return ""
+        return f"{sep} the last checkpoint (step {self.last_checkpoint_step}) is in {self.last_checkpoint}"
+
+    def _elapsed(self) -> float:
+        before, start = self._clock
+        return before + time.perf_counter() - start
+
+    def _stop_clock(self) -> None:
+        """Add the time since the clock last started to ``history.seconds`` and restart it."""
+        self.history.seconds = self._elapsed()
+        self._clock = [self.history.seconds, time.perf_counter()]
+
+    def _saved_here(self) -> bool:
+        """True when the current step is already in ``checkpoint_dir``."""
+        return (self.last_checkpoint_step == self.step and self.cfg.checkpoint_dir is not None
+                and self.last_checkpoint == Path(self.cfg.checkpoint_dir))
+
+    def _interrupted(self, first_step: int, whole: bool, second: bool) -> TrainingInterrupted:
+        """After Ctrl-C: save the run if its state is whole (between steps) and say what is kept where."""
+        cfg, note = self.cfg, ""
+        if not cfg.checkpoint_dir:
+            note = "no checkpoint_dir was set"
+        elif not whole:
+            note = "a second Ctrl-C stops at once" if second else "stopped in the middle of a step, which is not saved"
+        elif self.step > first_step and not self._saved_here():
+            try:
+                self.save(cfg.checkpoint_dir)
+            except (CheckpointError, OSError) as err:
+                note = f"saving failed: {err}"
+        kept = self.last_checkpoint is not None
+        return TrainingInterrupted(self.step, cfg.steps, self.last_checkpoint if kept else None,
+                                   self.last_checkpoint_step if kept else None, note)
 
     def _record_eval(self) -> None:
         h = self.history
@@ -276,8 +433,13 @@ class Trainer:
         info = {"step": self.step, "chars_per_token": self.chars_per_token}
         if self.history.eval_val_loss:
             info["val_loss"] = self.history.eval_val_loss[-1]
-        return save_checkpoint(directory, self.model, self.tokenizer, meta={**info, **(meta or {})},
+        if meta is not None and not isinstance(meta, dict):
+            raise CheckpointError(f"meta must be a dict or None, got {type(meta).__name__}.")
+        path = save_checkpoint(directory, self.model, self.tokenizer, meta={**info, **(meta or {})},
                                trainer_state=self.state() if with_state else None)
+        if with_state:
+            self.last_checkpoint, self.last_checkpoint_step = path, self.step
+        return path
 
     def resume(self, directory: str | os.PathLike) -> None:
         """Continue from a checkpoint written by :meth:`save`; the model config must match exactly."""
@@ -301,3 +463,63 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
         self.history = History(**state["history"])
+
+
+def _check_parts(model: torch.nn.Module, tokenizer: BPETokenizer, ids: torch.Tensor, cfg: TrainConfig) -> None:
+    """The Trainer's inputs: an llmlab model, its tokenizer, a 1-D tensor of valid ids, a TrainConfig."""
+    if not isinstance(cfg, TrainConfig):
+        raise TrainingError(f"cfg must be a TrainConfig, got {type(cfg).__name__}.")
+    config = getattr(model, "config", None)
+    if not isinstance(model, torch.nn.Module) or not isinstance(config, ModelConfig):
+        raise TrainingError(f"model must be an llmlab Transformer, got {type(model).__name__}.")
+    if not isinstance(tokenizer, BPETokenizer):
+        raise TrainingError(f"tokenizer must be a BPETokenizer, got {type(tokenizer).__name__}.")
+    if tokenizer.vocab_size != config.vocab_size:
+        raise TrainingError(
+            f"the tokenizer has {tokenizer.vocab_size:,} ids but the model's vocab_size is {config.vocab_size:,}: "
+            f"build the model with vocab_size={tokenizer.vocab_size}."
+        )
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex \
+            or ids.dtype == torch.bool:
+        raise TrainingError("ids must be a 1-D integer tensor of token ids, e.g. torch.tensor(tokenizer.encode(text)).")
+    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size):
+        raise TrainingError(
+            f"ids must lie in 0 … {config.vocab_size - 1} (the model's vocabulary); found {int(ids.min())} … "
+            f"{int(ids.max())}: encode the text with this model's tokenizer."
+        )
+
+
+class _CtrlC:
+    """What :func:`_deferred_interrupt` saw: Ctrl-C presses, and whether a step was running."""
+
+    def __init__(self) -> None:
+        self.presses = 0
+        self.in_step = False
+
+    @property
+    def pressed(self) -> bool:
+        return self.presses > 0
+
+
+@contextmanager
+def _deferred_interrupt() -> Iterator[_CtrlC]:
+    """Hold back the first Ctrl-C until the current step ends (so the saved state is whole); a second one acts at once.
+
+    Only in the main thread and where Python's own SIGINT handler is in place (a terminal,
+    a Jupyter kernel); elsewhere Ctrl-C arrives as usual.
+    """
+    ctrl_c = _CtrlC()
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield ctrl_c
+        return
+
+    def hold(signum, frame) -> None:
+        ctrl_c.presses += 1
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one interrupts at once
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield ctrl_c
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -50,6 +50,18 @@ def test_overwrite_failure_keeps_the_old_checkpoint(tmp_path, model, tok, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary folders left
 
 
+def test_the_config_binds_the_tokenizer(tmp_path, model, tok):
+    from llmlab.checkpoint import TOKENIZER_HASH, tokenizer_sha256
+
+    path = save_checkpoint(tmp_path / "ck", model, tok)
+    assert json.loads((path / "config.json").read_text())[TOKENIZER_HASH] == tokenizer_sha256(tok)
+    other = BPETokenizer.train("pack my box with five dozen liquor jugs " * 30, 280)
+    assert tokenizer_sha256(other) != tokenizer_sha256(tok)
+    other.save(path / "tokenizer.json")
+    with pytest.raises(CheckpointError, match="not the tokenizer these weights were trained with"):
+        load_checkpoint(path)
+
+
 def test_missing_and_incomplete(tmp_path, model, tok):
     with pytest.raises(CheckpointError, match="no checkpoint folder"):
         load_checkpoint(tmp_path / "nothing")

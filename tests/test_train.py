@@ -98,7 +98,8 @@ def test_wall_clock_budget_stops_early(data):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"steps": 0}, "steps must be ≥ 1"), ({"lr": 1e-3, "min_lr": 1e-2}, "min_lr ≤ lr"), ({"max_minutes": 0}, "max_minutes")],
+    [({"steps": 0}, "steps must be ≥ 1"), ({"lr": 1e-3, "min_lr": 1e-2}, "min_lr ≤ lr"), ({"max_minutes": 0}, "max_minutes"),
+     ({"lr": float("nan")}, "lr must be a finite number"), ({"max_minutes": float("inf")}, "max_minutes must be a finite")],
 )
 def test_bad_settings(kwargs, message):
     with pytest.raises(TrainingError, match=message):
