@@ -12,25 +12,43 @@ problem with a file or the data).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+from llmlab.sampling import MAX_NEW_TOKENS
 
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one ``llmlab <cmd>: error: …`` line (exit 2), like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmlab", description="Build, train and run a small decoder-only LLM.")
+    parser = _Parser(prog="llmlab", description="Build, train and run a small decoder-only LLM.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="continue a prompt with a trained model (default: the built-in one)")
-    gen.add_argument("prompt", help='text to continue, e.g. "ROMEO:"')
-    gen.add_argument("--max-new-tokens", type=int, default=200)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    gen.add_argument("prompt", help='text to continue, e.g. "ROMEO:" (at most the model\'s context in tokens)')
+    gen.add_argument("--max-new-tokens", type=int, default=200,
+                     help=f"tokens to generate, 1 to {MAX_NEW_TOKENS:,}: larger values are refused, so that a "
+                          "typo cannot run for hours (default 200)")
+    gen.add_argument("--temperature", type=float, default=0.8,
+                     help="a finite number ≥ 0; 0 = greedy, higher = more random (default 0.8)")
+    gen.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens (k ≥ 1)")
+    gen.add_argument("--top-p", type=float, default=None,
+                     help="keep the most likely tokens whose probabilities reach p, in (0, 1]")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="seed for reproducible sampling, 0 to 2**64 - 1 (default: a fresh random one)")
+    gen.add_argument("--allow-special", action="store_true",
+                     help="read special-token text in the prompt (<|endoftext|>) as the special token "
+                          "(default: such a prompt is refused)")
     gen.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: built-in model)")
-    gen.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when present)")
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: CUDA when present)")
     gen.add_argument("--compile", action="store_true",
                      help="compile the decode step with torch.compile: seconds to start, then faster tokens "
                           "(needs a C++ compiler on a CPU; see notebook 09)")
@@ -58,55 +76,145 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """Continue a prompt (notebook 08); everything is checked before the prompt is printed."""
     from llmlab.checkpoint import load_checkpoint
     from llmlab.generate import stream_text
     from llmlab.runtime import device
-    from llmlab.sampling import SamplingParams
+    from llmlab.sampling import SamplingError, SamplingParams
 
-    params = SamplingParams(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-    )
+    try:
+        params = SamplingParams(
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+        )
+    except SamplingError as err:
+        raise SamplingError(_as_option(err), err.param) from None
+    _check_prompt_text(args.prompt)
     ckpt = load_checkpoint(args.checkpoint, device=device(args.device))
+    tokenizer = _PromptTokenizer(ckpt.tokenizer, args.allow_special)
+    tokenizer.check(args.prompt, ckpt.model.config.context_length)
     params = SamplingParams(**{**params.__dict__, "stop_ids": (ckpt.tokenizer.eot_id,)})
     sys.stdout.write(args.prompt)
-    for piece in stream_text(ckpt.model, ckpt.tokenizer, args.prompt, params, compiled=args.compile):
+    for piece in stream_text(ckpt.model, tokenizer, args.prompt, params, compiled=args.compile):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
 
 
+def _as_option(err) -> str:
+    """A SamplingError's message led by the option the user typed: ``--top-p: top_p must be …``."""
+    return f"--{err.param.replace('_', '-')}: {err}" if err.param else str(err)
+
+
+def _check_prompt_text(prompt: str) -> None:
+    """The prompt must be UTF-8 text: bytes that are not arrive as lone surrogates (PEP 383)."""
+    from llmlab.generate import PromptError
+
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        byte = ord(prompt[err.start]) - 0xDC00 if 0xDC80 <= ord(prompt[err.start]) <= 0xDCFF else None
+        what = f"byte 0x{byte:02x}" if byte is not None else f"character {prompt[err.start]!r}"
+        raise PromptError(
+            f"the prompt is not valid UTF-8 text ({what} at character {err.start + 1}): retype it, or set the "
+            "terminal's encoding to UTF-8."
+        ) from None
+
+
+class _PromptTokenizer:
+    """The checkpoint's tokenizer, reading special-token text in the prompt as ``--allow-special`` says."""
+
+    def __init__(self, tokenizer, allow_special: bool) -> None:
+        self.tokenizer, self.allow_special = tokenizer, allow_special
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, allowed_special="all" if self.allow_special else frozenset())
+
+    def decode_bytes(self, ids) -> bytes:
+        return self.tokenizer.decode_bytes(ids)
+
+    def check(self, prompt: str, context_length: int) -> None:
+        """The prompt encodes, and its tokens fit the context (PromptError naming the fix otherwise)."""
+        from llmlab.generate import PromptError, check_prompt
+        from llmlab.tokenizer import TokenizerError
+
+        special = [t for t in getattr(self.tokenizer, "special_tokens", {}) if t in prompt]
+        if special and not self.allow_special:
+            raise PromptError(
+                f"the prompt contains the special token {special[0]}: add --allow-special to read it as the "
+                "special token (end of text), or remove it from the prompt."
+            )
+        try:
+            ids = self.encode(prompt)
+        except TokenizerError as err:
+            raise PromptError(f"the prompt cannot be tokenized: {err}") from None
+        check_prompt(ids, context_length)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train with the course recipe (notebook 07); Ctrl-C saves a resumable checkpoint and exits 130."""
     from llmlab.recipe import train_course_model
 
-    result = train_course_model(
-        preset=args.preset, out=args.out, minutes=args.minutes, steps=args.steps, vocab_size=args.vocab_size,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, corpus=args.corpus, device_name=args.device,
-        resume=args.resume, release=args.release,
-    )
+    try:
+        result = train_course_model(
+            preset=args.preset, out=args.out, minutes=args.minutes, steps=args.steps, vocab_size=args.vocab_size,
+            batch_size=args.batch_size, lr=args.lr, seed=args.seed, corpus=args.corpus, device_name=args.device,
+            resume=args.resume, release=args.release,
+        )
+    except KeyboardInterrupt as err:
+        print(f"\nllmlab train: {_interrupted_message(err, args.out)}", file=sys.stderr)
+        return 130
     print(result.summary())
     return 0
 
 
+def _interrupted_message(err: KeyboardInterrupt, out: Path) -> str:
+    """The truth about what a Ctrl-C left in ``out``: a checkpoint to resume from, or nothing new."""
+    from llmlab.train import TrainingInterrupted
+
+    if isinstance(err, TrainingInterrupted) and err.checkpoint is not None:
+        which = "" if err.checkpoint_step == err.step else f" (of step {err.checkpoint_step})"
+        return (f"interrupted at step {err.step} of {err.total}; a resumable checkpoint{which} is in {err.checkpoint}: "
+                "continue with the same command plus --resume")
+    where = f"at step {err.step} of {err.total}" if isinstance(err, TrainingInterrupted) else "before training started"
+    note = f" ({err.note})" if isinstance(err, TrainingInterrupted) and err.note else ""
+    return f"interrupted {where}; nothing was saved{note}{_still_there(out)}"
+
+
+def _still_there(out: Path) -> str:
+    """What an interrupted run left untouched in ``out``, if it is a checkpoint."""
+    from llmlab.checkpoint import CheckpointError, TRAINER_STATE, read_config
+
+    try:
+        _, meta = read_config(out)
+    except CheckpointError:
+        return ""
+    step = meta.get("step", "?")
+    resumable = ", resumable with --resume" if (Path(out) / TRAINER_STATE).is_file() else ""
+    return f"; {out} still holds the earlier checkpoint of step {step}{resumable}"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from llmlab import calc
-    from llmlab.checkpoint import builtin_checkpoint, read_config
+    from llmlab.checkpoint import builtin_checkpoint, verify_checkpoint
     from llmlab.config import PRESETS
     from llmlab.runtime import environment_report
 
+    path = args.checkpoint or builtin_checkpoint()
+    config, meta = verify_checkpoint(path)  # the weights' header too: a damaged file is reported, not described
     for key, value in environment_report().items():
         print(f"{key:>12}: {value}")
-    path = args.checkpoint or builtin_checkpoint()
-    config, meta = read_config(path)
     counts = calc.param_counts(config)
     print(f"\nmodel: {config.name} from {path if args.checkpoint else 'the built-in checkpoint'}")
     print(f"  {calc.human_count(counts['total'])} parameters ({counts['total']:,}); "
           f"{config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads, context {config.context_length}")
     print(f"  weights: {calc.human_bytes(calc.weight_bytes(config, 'fp32'))} in fp32, "
           f"{calc.human_bytes(calc.weight_bytes(config, 'bf16'))} in bf16")
-    if "val_loss_per_char" in meta:
-        print(f"  validation loss: {meta['val_loss_per_char']:.3f} nats/char ({meta.get('val_loss', float('nan')):.3f} nats/token)")
+    per_char, per_token = _number(meta.get("val_loss_per_char")), _number(meta.get("val_loss"))
+    if per_char is not None:
+        per_token = float("nan") if per_token is None else per_token
+        print(f"  validation loss: {per_char:.3f} nats/char ({per_token:.3f} nats/token)")
     if args.presets:
         print("\npresets:")
         for name, cfg in PRESETS.items():
@@ -114,36 +222,59 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(value: object) -> float | None:
+    """``value`` when it is a real number (a checkpoint's metadata is written by hand sometimes)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 COMMANDS = {"generate": cmd_generate, "train": cmd_train, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 failure, 2 bad usage)."""
+    """Run the command line; returns the exit status (0 ok, 1 failure, 2 bad usage, 130 Ctrl-C)."""
+    from llmlab.calc import CalcError
     from llmlab.checkpoint import CheckpointError
     from llmlab.config import ConfigError
     from llmlab.data import DataError
     from llmlab.compiled import CompileError
-    from llmlab.generate import PromptError
+    from llmlab.errors import LlmlabError
+    from llmlab.generate import GenerateError
+    from llmlab.model import ModelSizeError
+    from llmlab.runtime import SettingError
     from llmlab.sampling import SamplingError
-    from llmlab.tokenizer import TokenizerError
+    from llmlab.tokenizer import TokenizerError, TokenizerFileError
     from llmlab.train import TrainingError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the command's name, as every other error of the command
+        return _error(args.command, f"unrecognized arguments: {' '.join(unknown)} (see llmlab {args.command} --help)",
+                      EXIT_USAGE)
     try:
         return COMMANDS[args.command](args)
-    except (SamplingError, PromptError, ConfigError, TrainingError, TokenizerError) as err:
-        print(f"llmlab {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except (CheckpointError, DataError, CompileError) as err:
-        print(f"llmlab {args.command}: error: {err}", file=sys.stderr)
+    except TokenizerFileError as err:  # a damaged file, not a usage mistake
+        return _error(args.command, err, EXIT_FAILURE)
+    except (SamplingError, GenerateError, ConfigError, TrainingError, TokenizerError, SettingError,
+            CalcError) as err:
+        return _error(args.command, err, EXIT_USAGE)
+    except (CheckpointError, DataError, CompileError, ModelSizeError) as err:
+        return _error(args.command, err, EXIT_FAILURE)
+    except LlmlabError as err:  # any other error of the package's own: a problem with a file or the data
+        return _error(args.command, err, EXIT_FAILURE)
+    except BrokenPipeError:  # the reader went away (`llmlab generate … | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that Python's final flush does not fail again
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        hint = ""
-        if args.command == "train":
-            hint = f"; the last checkpoint (every 100 steps) is in {args.out}: continue with --resume"
-        print(f"\nllmlab {args.command}: interrupted{hint}", file=sys.stderr)
+    except KeyboardInterrupt:  # `train` reports what a Ctrl-C kept itself (cmd_train)
+        print(f"\nllmlab {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _error(command: str, err: Exception | str, status: int) -> int:
+    """Print ``err`` as the one line ``llmlab <command>: error: …`` on stderr and return ``status``."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    print(f"llmlab {command}: error: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

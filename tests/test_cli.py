@@ -58,6 +58,30 @@ def test_empty_and_too_long_prompt(capsys):
     assert "shorten it" in capsys.readouterr().err
 
 
+def test_generate_validates_before_printing_the_prompt(capsys):
+    # A prompt that fails (special token, invalid UTF-8 from the shell) leaves stdout empty.
+    assert main(["generate", "ROMEO:<|endoftext|>", "--max-new-tokens", "2"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--allow-special" in captured.err
+    assert main(["generate", "ROMEO:\udcff", "--max-new-tokens", "2"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "not valid UTF-8 text (byte 0xff at character 7)" in captured.err
+    assert main(["generate", "ROMEO:<|endoftext|>", "--allow-special", "--temperature", "0", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:<|endoftext|>")
+
+
+def test_generate_into_a_closed_pipe():
+    # `llmlab generate … | head -c 10`: the reader leaves early; no BrokenPipeError traceback.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen([sys.executable, "-m", "llmlab", "generate", "ROMEO:", "--max-new-tokens", "5000"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as proc:
+        assert proc.stdout.read(6) == b"ROMEO:"
+        proc.stdout.close()
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in stderr and stderr == ""
+
+
 def test_corrupt_checkpoint_exits_1(tmp_path, capsys):
     folder = tmp_path / "ck"
     folder.mkdir()
@@ -93,3 +117,22 @@ def test_train_bad_input(capsys, tmp_path):
     assert "--minutes must be > 0" in capsys.readouterr().err
     assert main(["train", "--preset", "gpt5", "--out", str(tmp_path / "x")]) == 2
     assert "gpt5" in capsys.readouterr().err
+
+
+def test_train_checks_its_output_before_training(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    assert main(["train", "--steps", "2", "--out", str(tmp_path / "afile" / "sub")]) == 1
+    assert "is a file, so the checkpoint folder" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_info_checks_the_weights(tmp_path, capsys):
+    import shutil
+
+    from llmlab.checkpoint import builtin_checkpoint
+
+    folder = tmp_path / "ck"
+    shutil.copytree(builtin_checkpoint(), folder)
+    (folder / "model.safetensors").write_bytes(b"")
+    assert main(["info", "--checkpoint", str(folder)]) == 1
+    assert "corrupt or truncated" in capsys.readouterr().err
