@@ -248,7 +248,15 @@ def set_viewport(driver, width: int, height: int) -> None:
 NOTEBOOK_STATE_JS = """
 const app = window.jupyterapp;
 if (!app || !app.shell) return {ready: false, why: 'no jupyterapp'};
-const panel = app.shell.currentWidget;
+let panel = app.shell.currentWidget;
+if (!panel || !panel.content) {
+    // Headless Chromium may never focus the window, and then JupyterLab tracks no current
+    // widget: take the open notebook panel and activate it, so that commands act on it.
+    for (const w of app.shell.widgets('main')) {
+        if (w.content && w.sessionContext) panel = w;
+    }
+    if (panel && panel.id) app.shell.activateById(panel.id);
+}
 if (!panel || !panel.content || !panel.sessionContext || !panel.content.model)
     return {ready: false, why: 'no notebook panel'};
 const session = panel.sessionContext.session;
@@ -323,7 +331,9 @@ def open_notebook(driver, server: LabServer, path: str, timeout: float = 120) ->
 
 def run_all(driver, timeout: float) -> dict:
     """Run every cell of the current notebook; return its state once the kernel is done."""
-    driver.execute_script("return window.jupyterapp.commands.execute('notebook:run-all-cells');")
+    # Not `return …execute(…)`: WebDriver waits for a returned promise, and this one resolves only
+    # when every cell has run — longer than the script timeout.  The state polling below waits.
+    driver.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells'); return null;")
     time.sleep(1.0)
 
     def finished():
