@@ -137,8 +137,9 @@ class _Stepper:
     def __init__(self, model, batch_size: int, max_len: int, use_cache: bool, compiled: bool,
                  padded: bool, device) -> None:
         self.model, self.context, self.padded = model, model.config.context_length, padded
+        dtype = next(model.parameters()).dtype  # the cache holds K/V as the model computes them
         self.cache = KVCache.for_model(model.config, batch_size, max_len=min(max_len, self.context),
-                                       device=device) if use_cache else None
+                                       dtype=dtype, device=device) if use_cache else None
         self.cache_start = 0  # column of `ids` held at cache position 0
         self.compiled = CompiledDecoder(self.cache) if compiled else None
 

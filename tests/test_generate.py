@@ -73,3 +73,12 @@ def test_model_mode_is_restored(model):
     list(generate_ids(model, [1], SamplingParams(max_new_tokens=2, temperature=0)))
     assert model.training
     model.eval()
+
+
+def test_the_cache_takes_the_models_dtype():
+    # A float64 (or bf16) model gets a cache of its own dtype: cached == uncached, nothing cast.
+    torch.manual_seed(0)
+    model = Transformer(get_config("course-tiny", n_layers=2, d_model=64, n_heads=4)).double().eval()
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    cached = list(generate_ids(model, [1, 2, 3, 4], params, use_cache=True))
+    assert cached == list(generate_ids(model, [1, 2, 3, 4], params, use_cache=False))
