@@ -105,6 +105,7 @@ class Transformer(nn.Module):
         return_attention: bool = False,
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> ModelOutput:
         """Logits for every position of ``ids`` (``[batch, seq]`` token ids), and the loss if ``targets``.
 
@@ -114,6 +115,9 @@ class Transformer(nn.Module):
         (notebook 09: the cache stores every layer's keys and values, so only
         the new tokens are computed).  ``attention_mask`` ``[batch, n_keys]``
         (1 = real token, 0 = padding) covers the cached and the new positions.
+        ``logits_to_keep=n`` computes logits for the last ``n`` positions only (0: all):
+        generating needs just the last one, and for a long prompt the LM head over
+        every position costs as much as several layers (notebook 11).
         """
         self._check_ids(ids)
         if positions is None:
@@ -135,6 +139,10 @@ class Transformer(nn.Module):
             attentions.append(weights)
         if cache is not None:
             cache.advance(ids.shape[1])
+        if logits_to_keep:
+            if targets is not None:
+                raise ModelInputError("logits_to_keep computes only the last logits; the loss needs all of them.")
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.final_norm(x))
         loss = None if targets is None else self.loss(logits, targets)
         return ModelOutput(logits, loss, tuple(attentions) if return_attention else None)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from llmlab.config import ModelConfig, get_config
 from llmlab.layers import TokenIdError
-from llmlab.model import ContextLengthError, ModelOutput, Transformer
+from llmlab.model import ContextLengthError, ModelInputError, ModelOutput, Transformer
 
 KINDS = {
     "gpt2-style": dict(),
@@ -210,3 +210,16 @@ def test_wrong_dtype_and_shape_are_clear_errors():
         model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match=r"targets must have the shape of ids, \(1, 4\); got \(1, 3\)"):
         model(torch.zeros(1, 4, dtype=torch.long), targets=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_logits_to_keep_gives_the_last_logits_only():
+    torch.manual_seed(0)
+    model = Transformer(get_config("course-tiny", n_layers=2)).eval()
+    ids = torch.randint(0, 1024, (2, 9))
+    full = model(ids).logits
+    last = model(ids, logits_to_keep=1).logits
+    assert last.shape == (2, 1, 1024)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
+    assert model(ids, logits_to_keep=3).logits.shape == (2, 3, 1024)
+    with pytest.raises(ModelInputError, match="loss needs all"):
+        model(ids, targets=ids, logits_to_keep=1)
