@@ -178,7 +178,7 @@ def _in_jupyter() -> bool:
     return _in_notebook()
 
 
-def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "training"):
+def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "training", unit: str = "step"):
     """A plain-text tqdm bar: to stdout in a notebook, to stderr in a terminal.
 
     Plain text rather than a widget: a notebook keeps the bar as a stream whose
@@ -190,7 +190,7 @@ def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str =
     from tqdm.std import tqdm
 
     file = sys.stdout if _in_jupyter() else sys.stderr
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", file=file)
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit=unit, file=file)
 
 
 class Trainer:
