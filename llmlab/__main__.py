@@ -33,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="continue a prompt with a trained model (default: the built-in one)")
-    gen.add_argument("prompt", help='text to continue, e.g. "ROMEO:" (at most the model\'s context in tokens)')
+    gen.add_argument("prompt", nargs="*",
+                     help='text to continue, e.g. "ROMEO:" (at most the model\'s context in tokens); several '
+                          "prompts run together through the serving engine (notebook 11)")
+    gen.add_argument("--prompts-file", type=Path, default=None,
+                     help="a UTF-8 text file with one prompt per line (blank lines skipped), run through the engine")
     gen.add_argument("--max-new-tokens", type=int, default=200,
                      help=f"tokens to generate, 1 to {MAX_NEW_TOKENS:,}: larger values are refused, so that a "
                           "typo cannot run for hours (default 200)")
@@ -80,6 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from llmlab.checkpoint import load_checkpoint
     from llmlab.generate import stream_text
     from llmlab.runtime import device
+    from llmlab.generate import GenerateError
     from llmlab.sampling import SamplingError, SamplingParams
 
     try:
@@ -89,16 +94,76 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     except SamplingError as err:
         raise SamplingError(_as_option(err), err.param) from None
-    _check_prompt_text(args.prompt)
+    prompts = _prompts(args)
+    for prompt in prompts:
+        _check_prompt_text(prompt)
+    if len(prompts) > 1 and args.compile:
+        raise GenerateError("--compile compiles one prompt's decode step; several prompts run through the "
+                            "engine, which does not compile: leave --compile out, or give one prompt.")
     ckpt = load_checkpoint(args.checkpoint, device=device(args.device))
     tokenizer = _PromptTokenizer(ckpt.tokenizer, args.allow_special)
-    tokenizer.check(args.prompt, ckpt.model.config.context_length)
+    for prompt in prompts:
+        tokenizer.check(prompt, ckpt.model.config.context_length)
     params = SamplingParams(**{**params.__dict__, "stop_ids": (ckpt.tokenizer.eot_id,)})
-    sys.stdout.write(args.prompt)
-    for piece in stream_text(ckpt.model, tokenizer, args.prompt, params, compiled=args.compile):
+    if len(prompts) > 1:
+        return _generate_with_engine(ckpt, tokenizer, prompts, params)
+    prompt = prompts[0]
+    sys.stdout.write(prompt)
+    for piece in stream_text(ckpt.model, tokenizer, prompt, params, compiled=args.compile):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts from the command line and ``--prompts-file``, in that order (at least one)."""
+    from llmlab.data import DataError
+    from llmlab.generate import PromptError
+
+    prompts = list(args.prompt)
+    if args.prompts_file is not None:
+        try:
+            text = args.prompts_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise PromptError(f"{args.prompts_file} is not UTF-8 text ({err.reason} at byte {err.start}): "
+                              "save it as UTF-8.") from None
+        except OSError as err:
+            raise DataError(f"cannot read --prompts-file {args.prompts_file}: {err.strerror or err}.") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise PromptError('give a prompt to continue, e.g. llmlab generate "ROMEO:", or --prompts-file FILE.')
+    return prompts
+
+
+def _generate_with_engine(ckpt, tokenizer, prompts: list[str], params) -> int:
+    """Run several prompts together through the serving engine (notebook 11); print each, in order.
+
+    Request i samples with ``--seed`` + i, so the first prompt gets what it gets alone.
+    """
+    import time
+
+    from llmlab.engine import LLM
+    from llmlab.sampling import MAX_SEED, SamplingParams
+
+    per_prompt = [params if params.seed is None else
+                  SamplingParams(**{**params.__dict__, "seed": (params.seed + i) % (MAX_SEED + 1)})
+                  for i in range(len(prompts))]
+    llm = LLM(model=ckpt.model, tokenizer=ckpt.tokenizer)
+    start = time.perf_counter()
+    results = llm.generate([tokenizer.encode(p) for p in prompts], per_prompt, progress=False)
+    seconds = time.perf_counter() - start
+    for number, (prompt, result) in enumerate(zip(prompts, results), 1):
+        if number > 1:
+            sys.stdout.write("\n")
+        sys.stdout.write(f"--- prompt {number} of {len(prompts)} ({result.finish_reason.value}) ---\n")
+        sys.stdout.write(prompt + result.text + "\n")
+    generated = sum(len(r.token_ids) for r in results)
+    stats = llm.engine.stats()
+    print(f"llmlab generate: {len(prompts)} prompts, {generated:,} tokens in {seconds:.1f} s "
+          f"({generated / max(seconds, 1e-9):,.0f} tokens/s), {stats['steps']} engine steps, "
+          f"{stats['preemptions']} preemptions, {stats['prefix_hit_tokens']:,} prompt tokens from the prefix cache",
+          file=sys.stderr)
     return 0
 
 

@@ -136,3 +136,35 @@ def test_info_checks_the_weights(tmp_path, capsys):
     (folder / "model.safetensors").write_bytes(b"")
     assert main(["info", "--checkpoint", str(folder)]) == 1
     assert "corrupt or truncated" in capsys.readouterr().err
+
+
+def test_several_prompts_run_through_the_engine(tmp_path, capsys):
+    # Greedy: each prompt's text through the engine equals its text generated alone.
+    alone = []
+    for prompt in ("ROMEO:", "JULIET:"):
+        assert main(["generate", prompt, "--temperature", "0", "--max-new-tokens", "12"]) == 0
+        alone.append(capsys.readouterr().out)
+    (tmp_path / "prompts.txt").write_text("JULIET:\n\n", encoding="utf-8")
+    assert main(["generate", "ROMEO:", "--prompts-file", str(tmp_path / "prompts.txt"), "--temperature", "0",
+                 "--max-new-tokens", "12"]) == 0
+    captured = capsys.readouterr()
+    blocks = captured.out.split("\n\n--- prompt 2 of 2")
+    assert blocks[0] == "--- prompt 1 of 2 (length) ---\n" + alone[0].rstrip("\n")
+    assert blocks[1].split("---\n", 1)[1] == alone[1]
+    assert "2 prompts, 24 tokens" in captured.err
+
+
+def test_several_prompts_bad_input(tmp_path, capsys):
+    assert main(["generate", "--prompts-file", str(tmp_path / "missing.txt")]) == 1
+    assert "cannot read --prompts-file" in capsys.readouterr().err
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    assert main(["generate", "--prompts-file", str(tmp_path / "latin1.txt")]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+    assert main(["generate"]) == 2
+    assert "give a prompt" in capsys.readouterr().err
+    assert main(["generate", "A", "B", "--compile"]) == 2
+    assert "--compile" in capsys.readouterr().err
+    # One bad prompt among good ones: nothing is printed, nothing runs.
+    assert main(["generate", "ROMEO:", "x" * 2000, "--max-new-tokens", "5"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "context" in captured.err
