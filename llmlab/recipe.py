@@ -22,7 +22,7 @@ import torch
 from llmlab.checkpoint import TRAINER_STATE, CheckpointError, check_output_dir, read_config
 from llmlab.config import ModelConfig, get_config
 from llmlab.data import load_corpus
-from llmlab.errors import LlmlabError, require_finite, require_int
+from llmlab.errors import require_finite, require_int
 from llmlab.model import Transformer
 from llmlab.runtime import MAX_SEED, device, seed_everything
 from llmlab.tokenizer import BPETokenizer, VocabSizeWarning
@@ -115,14 +115,7 @@ def _model_config(preset: str, vocab_size: int | None) -> ModelConfig:
 def _device(name: str | None) -> torch.device:
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise TrainingError(f"--device must be 'cpu', 'cuda' or 'cuda:N', got {name!r}.")
-    try:
-        return device(name)  # its own errors (llmlab.runtime.DeviceError) say what to use instead
-    except LlmlabError:
-        raise
-    except (RuntimeError, ValueError) as err:
-        raise TrainingError(
-            f"cannot train on device {name!r} ({err}): use 'cpu', or 'cuda' on a machine with a GPU."
-        ) from err
+    return device(name)  # its own errors (llmlab.runtime.DeviceError) say what to use instead
 
 
 def _check_out(out: str | os.PathLike, config: ModelConfig, resume: bool) -> None:
