@@ -449,7 +449,7 @@ CLI_ROWS = [
     ("prompt-too-long", ["word " * 2000], 2, "shorten it to at most 256 tokens"),
     ("prompt-special-token", ["ROMEO<|endoftext|>"], 2, "add --allow-special"),
     ("prompt-not-utf8", [b"ROMEO\xff"], 2, "the prompt is not valid UTF-8 text (byte 0xff at character 6)"),
-    ("prompt-missing", [], 2, "the following arguments are required: prompt"),
+    ("prompt-missing", [], 2, "give a prompt to continue"),
     ("option-unknown", [PROMPT, "--temprature", "0"], 2, "unrecognized arguments: --temprature"),
     ("checkpoint-missing", [PROMPT, "--checkpoint", "/nonexistent/llmlab-ck"], 1, "no checkpoint folder"),
     ("checkpoint-under-a-file", [PROMPT, "--checkpoint", "{file}/ck"], 1, "ck"),
