@@ -105,7 +105,7 @@ class Transformer(nn.Module):
         return_attention: bool = False,
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> ModelOutput:
         """Logits for every position of ``ids`` (``[batch, seq]`` token ids), and the loss if ``targets``.
 
@@ -117,9 +117,11 @@ class Transformer(nn.Module):
         (1 = real token, 0 = padding) covers the cached and the new positions.
         ``logits_to_keep=n`` computes logits for the last ``n`` positions only (0: all):
         generating needs just the last one, and for a long prompt the LM head over
-        every position costs as much as several layers (notebook 11).
+        every position costs as much as several layers (notebook 11).  A 1-D tensor
+        of positions keeps exactly those (as ``transformers`` does): the serving engine
+        packs many sequences into one row and needs each one's last token.
         """
-        self._check_ids(ids)
+        self._check_ids(ids, packed=positions is not None)
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + ids.shape[1], device=ids.device)
@@ -139,10 +141,10 @@ class Transformer(nn.Module):
             attentions.append(weights)
         if cache is not None:
             cache.advance(ids.shape[1])
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor) or logits_to_keep:
             if targets is not None:
-                raise ModelInputError("logits_to_keep computes only the last logits; the loss needs all of them.")
-            x = x[:, -logits_to_keep:]
+                raise ModelInputError("logits_to_keep computes only some logits; the loss needs all of them.")
+            x = x[:, logits_to_keep] if isinstance(logits_to_keep, torch.Tensor) else x[:, -logits_to_keep:]
         logits = self.lm_head(self.final_norm(x))
         loss = None if targets is None else self.loss(logits, targets)
         return ModelOutput(logits, loss, tuple(attentions) if return_attention else None)
@@ -176,7 +178,12 @@ class Transformer(nn.Module):
 
     # --- input checks with messages that say what to do ---------------------------------
 
-    def _check_ids(self, ids: torch.Tensor) -> None:
+    def _check_ids(self, ids: torch.Tensor, packed: bool = False) -> None:
+        """Integer ids ``[batch, seq]`` on the model's device; without explicit positions, at most the context.
+
+        With ``packed`` (positions given) a row may hold several sequences side by side,
+        as the serving engine packs them (notebook 11): the positions are checked instead.
+        """
         if not isinstance(ids, torch.Tensor):
             raise ModelInputTypeError(f"ids must be a torch.Tensor of token ids, got {type(ids).__name__}; "
                                       "wrap it: torch.tensor([[...]]).")
@@ -193,7 +200,7 @@ class Transformer(nn.Module):
             raise ModelInputError(f"ids are on {ids.device} but the model is on {weights.device}: move them with "
                                   f"ids.to('{weights.device}').")
         limit = self.config.context_length
-        if ids.shape[1] > limit:
+        if ids.shape[1] > limit and not packed:
             raise ContextLengthError(
                 f"sequence of {ids.shape[1]} tokens is longer than context_length={limit}: "
                 f"keep the last {limit} tokens (ids[:, -{limit}:]) or build the model with a larger "

@@ -221,5 +221,8 @@ def test_logits_to_keep_gives_the_last_logits_only():
     assert last.shape == (2, 1, 1024)
     torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
     assert model(ids, logits_to_keep=3).logits.shape == (2, 3, 1024)
-    with pytest.raises(ModelInputError, match="loss needs all"):
+    picked = model(ids, logits_to_keep=torch.tensor([0, 4])).logits  # chosen positions, as transformers allows
+    torch.testing.assert_close(picked, full[:, [0, 4]], atol=1e-5, rtol=0)
+    assert model(ids, logits_to_keep=torch.tensor([], dtype=torch.long)).logits.shape == (2, 0, 1024)
+    with pytest.raises(ModelInputError, match="the loss needs all of them"):
         model(ids, targets=ids, logits_to_keep=1)
