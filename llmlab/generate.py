@@ -160,13 +160,13 @@ class _Stepper:
         if self.compiled is not None:
             return self.compiled.logits(self.model, new_ids, positions, window_mask)
         out = self.model(new_ids, positions=positions, cache=self.cache,
-                         attention_mask=window_mask if self.padded else None)
+                         attention_mask=window_mask if self.padded else None, logits_to_keep=1)
         return out.logits[:, -1, :]
 
     def _window(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         ids, mask = ids[:, -self.context:], mask[:, -self.context:]
         out = self.model(ids, positions=positions_from_mask(mask), cache=self.cache,
-                         attention_mask=mask if self.padded else None)
+                         attention_mask=mask if self.padded else None, logits_to_keep=1)
         return out.logits[:, -1, :]
 
 
