@@ -20,6 +20,8 @@ write position is a tensor and attention covers a fixed number of slots (a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from llmlab.config import ModelConfig
@@ -29,12 +31,31 @@ class CacheFullError(RuntimeError):
     """Writing past the cache's capacity (``max_len`` positions)."""
 
 
-class KVCache:
+class StoreThenAttend:
+    """The seam between the model's attention and any KV cache (notebooks 09 and 11).
+
+    The attention layer hands the cache its new ``q``, ``k``, ``v`` and its own
+    ``attend(q, keys, values, key_mask=...)``; the cache stores ``k``/``v`` and
+    returns ``(out, weights)``.  A contiguous cache does it the obvious way:
+    :meth:`update` gives every stored key and value, and the layer's attention
+    runs over them.  The paged cache of notebook 11 keeps the same call but decides
+    itself which keys each sequence sees, so the model never knows about pages.
+    """
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  attend: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Store ``k``/``v`` in layer ``layer``; attend ``q`` over everything stored."""
+        keys, values = self.update(layer, k, v)
+        return attend(q, keys, values)
+
+
+class KVCache(StoreThenAttend):
     """Preallocated per-layer keys and values (notebook 09).
 
-    The model calls :meth:`update` once per layer with the new positions' K/V
-    and gets back K/V for every position so far; after the last layer it calls
-    :meth:`advance`.  ``length`` is the number of positions already stored.
+    The model calls :meth:`update` once per layer (through :meth:`attention`) with
+    the new positions' K/V and gets back K/V for every position so far; after the
+    last layer it calls :meth:`advance`.  ``length`` is the number of positions already stored.
     """
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int,
@@ -111,7 +132,7 @@ class KVCache:
                 f"length={self.length}, {self.nbytes / 2**20:.1f} MiB)")
 
 
-class FixedShapeStep:
+class FixedShapeStep(StoreThenAttend):
     """One step's view of a :class:`KVCache` whose shapes do not depend on the cache's length (notebook 09).
 
     :meth:`update` writes the new keys/values at the columns in the ``slot``

@@ -140,6 +140,9 @@ def test_greedy_tokens_equal_generate_many(variant, block_size):
     prompts = prompts_with_shared_prefixes()
     params = [greedy(12), greedy(9), greedy(12), greedy(6), greedy(12), greedy(3), greedy(12), greedy(12), greedy(5)]
     engine = Engine(model, block_size=block_size, max_num_batched_tokens=24)  # 60-token prompt: 3 chunks
+    passes = []
+    forward = engine.runner.forward
+    engine.runner.forward = lambda items: passes.append(sorted(n for _, n in items)) or forward(items)
     ids = [engine.add_request(p, sp) for p, sp in zip(prompts[:5], params[:5])]
     for _ in range(4):  # the rest arrive later, while the first ones run (prefix hits on registered blocks)
         engine.step()
@@ -150,7 +153,8 @@ def test_greedy_tokens_equal_generate_many(variant, block_size):
         assert done[rid] == want, (rid, len(prompt))
         assert len(want) == expected_length(prompt, sp)
     assert engine.stats()["prefix_hit_tokens"] > 0
-    assert engine.stats()["forward_passes"] > engine.stats()["steps"]  # some step prefilled and decoded
+    assert engine.stats()["forward_passes"] == engine.stats()["steps"] == len(passes)  # one packed pass per step
+    assert any(ns[0] == 1 and ns[-1] > 1 for ns in passes)  # some pass decoded and prefilled together
 
 
 @pytest.mark.parametrize("block_size", [1, 7, 16])
@@ -161,11 +165,11 @@ def test_logits_equal_the_plain_model(variant, block_size):
     records = []
     forward = engine.runner.forward
 
-    def recording(group):
-        ids = [seq.all_ids[:seq.num_computed + n] for seq, n in group]  # what each row's last logits follow
-        logits = forward(group)
-        records.extend(zip(ids, logits))
-        return logits
+    def recording(items):
+        ends = {seq: seq.all_ids[:seq.num_computed + n] for seq, n in items}  # what each last logit follows
+        finishing, logits = forward(items)
+        records.extend(zip([ends[seq] for seq in finishing], logits))
+        return finishing, logits
 
     engine.runner.forward = recording
     prompts = prompts_with_shared_prefixes(1)
@@ -182,6 +186,53 @@ def test_logits_equal_the_plain_model(variant, block_size):
             want = model(torch.tensor([ids])).logits[0, -1]
             worst = max(worst, float((got - want).abs().max()))
     assert worst < 1e-4, worst
+
+
+def test_a_step_is_packed_into_one_row_without_padding():
+    model = model_for("course-tiny")
+    engine = Engine(model, block_size=4, max_num_batched_tokens=40)
+    rng = random.Random(2)
+    for length in (3, 9, 5):
+        engine.add_request([rng.randrange(1, VOCAB) for _ in range(length)], greedy(8))
+    engine.step()
+    engine.add_request([rng.randrange(1, VOCAB) for _ in range(60)], greedy(2))  # chunked: 40 - 3 decodes
+    batches, computed, expected_slots = [], {}, {}
+    pack = engine.runner.pack
+
+    def packing(items):
+        for seq, n in items:  # the state the pass starts from (the step then moves it on)
+            computed[seq] = seq.num_computed
+            expected_slots[seq] = [engine.blocks.slot_of(seq, p) for p in range(seq.num_computed, seq.num_computed + n)]
+        batches.append(pack(items))
+        return batches[-1]
+
+    engine.runner.pack = packing
+    engine.step()
+    batch = batches[0]
+    news = [n for _, n in batch.items]
+    assert news == [37, 1, 1, 1]  # the prompt chunk first, then the decodes
+    decoding = [computed[seq] for seq, _ in batch.items[1:]]
+    assert decoding == sorted(decoding)  # shortest context first
+    assert len(batch.ids) == len(batch.positions) == len(batch.slots) == sum(news)  # no padding
+    assert [(span.start, span.n) for span in batch.spans] == [(0, 37), (37, 1), (38, 1), (39, 1)]
+    assert batch.positions[:37] == list(range(37))
+    assert batch.finishing == [seq for seq, _ in batch.items[1:]]  # the chunk is mid-prompt: no logits
+    assert batch.last == [37, 38, 39]
+    for (seq, n), span in zip(batch.items, batch.spans):
+        assert span.context_len == computed[seq] + n
+        assert batch.slots[span.start:span.start + n] == expected_slots[seq]
+
+
+def test_a_packed_pass_may_hold_more_tokens_than_the_context():
+    """Several prompts in one pass add up to more than context_length; each is still within it."""
+    model = model_for("course-tiny", context=64)
+    engine = Engine(model, block_size=8, max_num_batched_tokens=256)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(1, VOCAB) for _ in range(50)] for _ in range(4)]  # 200 tokens in the first pass
+    ids = [engine.add_request(p, greedy(6)) for p in prompts]
+    done = run_all(engine)
+    for rid, p in zip(ids, prompts):
+        assert done[rid] == reference(model, p, greedy(6))
 
 
 def test_long_prompt_is_chunked_beside_decoding_requests():

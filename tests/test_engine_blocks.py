@@ -19,15 +19,20 @@ from llmlab.engine import (
     BlockManager,
     NoFreeBlocksError,
     PagedKVCache,
+    PagedStep,
     Scheduler,
     SchedulerConfig,
     Sequence,
     SequenceStatus,
+    Span,
     block_hash,
     paged_attention_reference,
 )
+from llmlab.config import get_config
 from llmlab.engine.block_manager import ROOT_HASH
+from llmlab.engine.paged_cache import group_by_length
 from llmlab.errors import LlmlabError
+from llmlab.layers.attention import CausalSelfAttention, causal_mask, scaled_dot_product_attention_reference
 from llmlab.sampling import SamplingParams
 
 
@@ -324,24 +329,95 @@ def test_gather_index_right_aligns_and_pads_with_the_null_slot():
     ]
 
 
-def test_paged_step_writes_skip_minus_one_slots():
+def test_paged_step_writes_skip_minus_one_slots_and_reads_through_the_gather():
     cache = PagedKVCache(n_layers=2, num_blocks=3, block_size=2, n_kv_heads=1, head_dim=2)
-    k = torch.arange(1.0, 9.0).view(2, 1, 2, 2)  # [rows, kv_heads, new, head_dim]
+    k = torch.arange(1.0, 9.0).view(1, 1, 4, 2)  # one packed row: [1, kv_heads, N, head_dim]
     v = -k
-    write = torch.tensor([[-1, 3], [5, -1]])
-    gather = torch.tensor([[2, 3], [5, 6]])  # 6 is the null slot
-    keys, values = cache.step(write, gather).update(1, k, v)
+    step = cache.step(torch.tensor([-1, 3, 5, -1]), [])
+    step.write(1, k, v)
     pool = cache.keys[1][:, 0]
-    written = {3: k[0, 0, 1], 5: k[1, 0, 0]}
+    written = {3: k[0, 0, 1], 5: k[0, 0, 2]}
     for slot in range(pool.shape[0]):
         expected = written.get(slot, torch.zeros(2))
         assert torch.equal(pool[slot], expected), slot
     assert torch.equal(cache.values[1][3, 0], -k[0, 0, 1])
     assert torch.count_nonzero(cache.keys[0]) == 0  # another layer untouched
+    keys, values = step.read(1, torch.tensor([[2, 3], [5, 6]]))  # 6 is the null slot
     assert keys.shape == (2, 1, 2, 2)
     assert torch.equal(keys[0, 0], torch.stack([torch.zeros(2), k[0, 0, 1]]))
-    assert torch.equal(keys[1, 0], torch.stack([k[1, 0, 0], torch.zeros(2)]))
-    assert torch.equal(values[1, 0, 0], -k[1, 0, 0])
+    assert torch.equal(keys[1, 0], torch.stack([k[0, 0, 2], torch.zeros(2)]))
+    assert torch.equal(values[1, 0, 0], -k[0, 0, 2])
+
+
+def test_paged_step_reads_into_one_reused_buffer():
+    cache = PagedKVCache(n_layers=2, num_blocks=8, block_size=4, n_kv_heads=2, head_dim=4)
+    step = cache.step(torch.tensor([], dtype=torch.long), [])
+    first = step.read(0, torch.arange(12).view(3, 4))[0].data_ptr()
+    assert step.read(1, torch.arange(8).view(2, 4))[0].data_ptr() == first  # smaller: same memory
+    assert cache.scratch(30).shape == (30, 2, 2, 4)  # larger: grown once, then kept
+    assert cache.scratch(20).data_ptr() == cache.scratch(30).data_ptr()
+
+
+@pytest.mark.parametrize("group_cost", [0, 3, 10**6])  # one group per decode row, a few, one for all
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_paged_step_attention_equals_each_sequence_alone(n_kv_heads, group_cost):
+    """A packed pass — a fresh prompt, a chunk after cached tokens, three decodes — equals per-sequence attention."""
+    gen = torch.Generator().manual_seed(n_kv_heads)
+    n_heads, head_dim, block_size = 4, 8, 4
+    cache = PagedKVCache(1, 16, block_size, n_kv_heads, head_dim)
+    cache.keys[0].copy_(torch.randn(cache.keys[0].shape, generator=gen))  # the null block too: only masks hide it
+    cache.values[0].copy_(torch.randn(cache.values[0].shape, generator=gen))
+    # (new tokens, tokens already cached, block table)
+    plan = [(6, 0, [3, 9]), (5, 7, [0, 12, 5]), (1, 10, [8, 1, 14]), (1, 1, [2]), (1, 4, [6, 11])]
+    spans, slots, start = [], [], 0
+    for n, cached, table in plan:
+        spans.append(Span(start, n, cached + n, table))
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(cached, cached + n)]
+        start += n
+    q = torch.randn(1, n_heads, start, head_dim, generator=gen)
+    k = torch.randn(1, n_kv_heads, start, head_dim, generator=gen)
+    v = torch.randn(1, n_kv_heads, start, head_dim, generator=gen)
+    attention = CausalSelfAttention(get_config("course-tiny", n_heads=n_heads, n_kv_heads=n_kv_heads,
+                                               d_model=n_heads * head_dim))
+    step = PagedStep(cache, torch.tensor(slots), spans, group_cost_slots=group_cost)
+    assert len(step.decode_groups) == {0: 3, 3: 2, 10**6: 1}[group_cost]  # decode lengths 2, 5, 11
+    out, weights = step.attention(0, q, k, v, attention.attend)
+    assert weights is None and out.shape == q.shape
+    for span in spans:
+        mine = [span.block_table[p // block_size] * block_size + p % block_size for p in range(span.context_len)]
+        keys = cache.keys[0][mine].transpose(0, 1)[None]  # [1, kv_heads, context, head_dim], after the writes
+        values = cache.values[0][mine].transpose(0, 1)[None]
+        new = slice(span.start, span.start + span.n)
+        assert torch.equal(keys[:, :, -span.n:], k[:, :, new])  # the new K were written where the table says
+        want, _ = scaled_dot_product_attention_reference(q[:, :, new], keys, values,
+                                                         mask=causal_mask(span.n, span.context_len))
+        torch.testing.assert_close(out[:, :, new], want, atol=1e-5, rtol=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=7), st.integers(0, 50))
+def test_group_by_length_is_the_cheapest_split(lengths, group_cost):
+    lengths = sorted(lengths)
+    groups = group_by_length(lengths, group_cost)
+    assert groups[0][0] == 0 and groups[-1][1] == len(lengths)
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(groups, groups[1:] + [(len(lengths), None)]))
+
+    def cost(split):
+        return sum(group_cost + (end - start) * lengths[end - 1] for start, end in split)
+
+    def every_split(start):  # all ways to cut lengths[start:] into consecutive groups
+        if start == len(lengths):
+            yield []
+        for end in range(start + 1, len(lengths) + 1):
+            for rest in every_split(end):
+                yield [(start, end)] + rest
+
+    assert cost(groups) == min(cost(split) for split in every_split(0))
+
+
+def test_group_by_length_refuses_unsorted_lengths():
+    with pytest.raises(ValueError, match="sorted, shortest first"):
+        group_by_length([3, 1], 4)
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])

@@ -14,13 +14,13 @@ One concept per module:
 from llmlab.engine.block_manager import BlockManager, NoFreeBlocksError, block_hash
 from llmlab.engine.engine import Engine, EngineError, RequestNotFoundError, RequestOutput
 from llmlab.engine.llm import LLM, Completion
-from llmlab.engine.paged_cache import PagedCacheError, PagedKVCache, PagedStep, paged_attention_reference
+from llmlab.engine.paged_cache import PagedCacheError, PagedKVCache, PagedStep, Span, paged_attention_reference
 from llmlab.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig, SchedulerError
 from llmlab.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 __all__ = [
     "BlockManager", "Completion", "Engine", "EngineError", "FinishReason", "LLM", "NoFreeBlocksError",
-    "PagedCacheError", "PagedKVCache", "PagedStep", "RequestNotFoundError", "RequestOutput", "ScheduledStep",
+    "PagedCacheError", "PagedKVCache", "PagedStep", "Span", "RequestNotFoundError", "RequestOutput", "ScheduledStep",
     "Scheduler", "SchedulerConfig", "SchedulerError", "Sequence", "SequenceStatus", "block_hash",
     "paged_attention_reference",
 ]

@@ -1,21 +1,23 @@
-"""Turn a scheduled step into tensors, run the model over the paged cache, and sample.
+"""Turn a scheduled step into one packed forward pass over the paged cache, and sample.
 
-Taught in notebook 11 (serving engine).  A step's sequences become rows of a
-left-padded batch: row r holds the ``n`` tokens sequence r computes now (a
-prompt chunk, or one token while decoding), with their positions and the
-slots their K/V go to.  Rows that compute one token (decoding) and rows that
-compute a chunk (prefilling) run as two forward passes of the same step, so a
-long chunk does not pad every decoding row to its length.  Logits are computed
-for each row's last token only (``logits_to_keep=1``), and only rows that
-reach their last token are sampled.
+Taught in notebook 11 (serving engine).  A step's sequences are **packed** into
+one row: sequence after sequence, each with the ``n`` tokens it computes now (a
+prompt chunk, or one token while decoding), their positions, and the slots
+their K/V go to.  Prefill chunks and decodes share the one pass, and no token
+is padding, so every weight is read once per step.  Attention is the only part
+that must keep the sequences apart; the :class:`~llmlab.engine.paged_cache.PagedStep`
+handed to the model does that.  Logits are computed only for the sequences that
+reach their last token (the others are mid-prompt), and only those are sampled.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from llmlab.engine.block_manager import BlockManager
-from llmlab.engine.paged_cache import PagedKVCache
+from llmlab.engine.paged_cache import PagedKVCache, Span
 from llmlab.engine.sequence import Sequence
 from llmlab.sampling import sample_next
 
@@ -31,39 +33,57 @@ class ModelRunner:
     @torch.no_grad()
     def run(self, items: list[tuple[Sequence, int]]) -> dict[Sequence, int]:
         """Compute the scheduled tokens; return the sampled next token of every sequence that reached its end."""
-        sampled: dict[Sequence, int] = {}
-        for group in ([it for it in items if it[1] > 1], [it for it in items if it[1] == 1]):
-            if group:
-                logits = self.forward(group)
-                done = [(row, seq) for row, (seq, n) in enumerate(group) if seq.num_computed + n == seq.num_tokens]
-                if done:
-                    rows = torch.tensor([row for row, _ in done], device=logits.device)
-                    tokens = sample_rows(logits.index_select(0, rows), [seq for _, seq in done])
-                    sampled.update(zip([seq for _, seq in done], tokens))
-        return sampled
+        finishing, logits = self.forward(items)
+        return dict(zip(finishing, sample_rows(logits, finishing))) if finishing else {}
 
-    def forward(self, group: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """One forward pass over ``group``'s new tokens; ``[rows, vocab]`` logits of each row's last token."""
-        width = max(n for _, n in group)
-        ids, positions, slots, tables, lengths = [], [], [], [], []
-        for seq, n in group:
-            start, pad = seq.num_computed, width - n
-            ids.append([0] * pad + seq.all_ids[start:start + n])
-            positions.append([0] * pad + list(range(start, start + n)))
-            slots.append([-1] * pad + [self.blocks.slot_of(seq, p) for p in range(start, start + n)])
-            tables.append(seq.block_table)
-            lengths.append(start + n)
-        n_keys = max(lengths)
-        max_blocks = max(len(t) for t in tables)
-        tables = [t + [self.cache.null_block] * (max_blocks - len(t)) for t in tables]
-        as_tensor = lambda rows: torch.tensor(rows, dtype=torch.long, device=self.device)  # noqa: E731
-        lengths_t = as_tensor(lengths)
-        gather = self.cache.gather_index(as_tensor(tables), lengths_t, n_keys)
-        key_mask = torch.arange(n_keys, device=self.device)[None, :] >= (n_keys - lengths_t)[:, None]
-        out = self.model(as_tensor(ids), positions=as_tensor(positions), cache=self.cache.step(as_tensor(slots), gather),
-                         attention_mask=key_mask, logits_to_keep=1)
+    def forward(self, items: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
+        """One packed pass over ``items``' new tokens.
+
+        Returns the sequences whose last token was computed (they get a next token)
+        and their logits, ``[len(those), vocab]``, in the same order.
+        """
+        batch = self.pack(items)
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        out = self.model(as_tensor([batch.ids]), positions=as_tensor(batch.positions),
+                         cache=self.cache.step(as_tensor(batch.slots), batch.spans),
+                         logits_to_keep=as_tensor(batch.last))
         self.forward_passes += 1
-        return out.logits[:, -1, :]
+        return batch.finishing, out.logits[0]
+
+    def pack(self, items: list[tuple[Sequence, int]]) -> PackedBatch:
+        """Lay ``items``' new tokens side by side in one row: prompt chunks first, then the decoding
+        tokens shortest context first (each group of decodes the paged cache attends together is
+        then one slice of the row)."""
+        batch = PackedBatch(sorted(items, key=lambda item: (item[1] == 1, item[0].num_tokens if item[1] == 1 else 0)))
+        for seq, n in batch.items:
+            start = seq.num_computed
+            batch.spans.append(Span(len(batch.ids), n, start + n, seq.block_table))
+            batch.ids += seq.all_ids[start:start + n]
+            batch.positions += range(start, start + n)
+            batch.slots += [self.blocks.slot_of(seq, p) for p in range(start, start + n)]
+            if start + n == seq.num_tokens:
+                batch.last.append(len(batch.ids) - 1)
+                batch.finishing.append(seq)
+        return batch
+
+
+@dataclass
+class PackedBatch:
+    """One step's sequences side by side in one row (notebook 11): no token is padding.
+
+    ``items`` are ``(sequence, new tokens)`` in row order; ``ids``, ``positions`` and ``slots``
+    (where each token's K/V go; −1: skip) have one entry per token; ``spans`` say which tokens
+    are whose; ``last`` is the row index of the last token of each sequence in ``finishing``
+    (those whose whole context is computed after this pass: they get a next token).
+    """
+
+    items: list[tuple[Sequence, int]]
+    ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)
+    last: list[int] = field(default_factory=list)
+    finishing: list[Sequence] = field(default_factory=list)
 
 
 def sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:

@@ -14,6 +14,7 @@ unless you ask to see the weights.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -160,19 +161,38 @@ class CausalSelfAttention(nn.Module):
             if positions is None:
                 positions = torch.arange(x.shape[1], device=x.device)
             q, k = self.rope(q, positions), self.rope(k, positions)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        mask = None
-        if not self.causal:  # notebook 05's deliberate break: the future is visible
-            mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
-        elif key_mask is not None or 1 < q.shape[-2] != k.shape[-2]:
-            # (one query, the newest token, may see every key: no mask needed)
-            mask = attention_mask(q.shape[-2], k.shape[-2], key_mask, device=q.device)
-        if return_weights:
-            out, weights = scaled_dot_product_attention_reference(q, k, v, causal=self.causal, mask=mask)
-        else:
-            out, weights = self._fused_attention(q, k, v, mask), None
+        attend = functools.partial(self.attend, key_mask=key_mask, return_weights=return_weights)
+        if cache is None:
+            out, weights = attend(q, k, v)
+        else:  # the cache stores k, v and attends over everything it holds (notebooks 09 and 11)
+            out, weights = cache.attention(self.layer_idx, q, k, v, attend)
         return self.o_proj(self.merge_heads(out)), weights
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
+               return_weights: bool = False, mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Queries ``q`` over keys ``k`` and values ``v``: causal, never at padding; ``(out, weights or None)``.
+
+        The queries are the *last* ``q.shape[-2]`` of the ``k.shape[-2]`` positions.
+        ``key_mask`` ``[batch, n_keys]`` marks real keys (False for left-padding).
+        ``mask`` is a ready boolean mask (True = may look) used as it is: a caller that
+        attends many layers with the same mask builds it once (notebook 11's paged cache).
+        """
+        if mask is None:
+            mask = self.mask_for(q.shape[-2], k.shape[-2], key_mask, q.device)
+        if return_weights:
+            return scaled_dot_product_attention_reference(q, k, v, causal=self.causal, mask=mask)
+        return self._fused_attention(q, k, v, mask), None
+
+    def mask_for(self, n_queries: int, n_keys: int, key_mask: torch.Tensor | None,
+                 device: torch.device) -> torch.Tensor | None:
+        """Where each query may look; None when nothing needs hiding (or SDPA's own causal flag does it)."""
+        if not self.causal:  # notebook 05's deliberate break: the future is visible
+            return None if key_mask is None else key_mask.bool()[:, None, None, :]
+        if key_mask is not None or 1 < n_queries != n_keys:
+            # (one query, the newest token, may see every key: no mask needed)
+            return attention_mask(n_queries, n_keys, key_mask, device=device)
+        return None
 
     def _fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          mask: torch.Tensor | None) -> torch.Tensor:
