@@ -1,0 +1,58 @@
+"""Small whole runs for spawned ranks: what notebook 12 and the tests execute on 2 and 4 real processes.
+
+Taught in notebook 12 (tensor parallelism).  Each function runs *inside* one
+rank (started by :func:`llmlab.parallel.run_parallel`): it builds the same model
+from the same seed as a single process would, splits it with
+:func:`llmlab.parallel.shard_model`, runs it, and returns plain tensors and
+numbers (they travel back to the caller through a queue).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmlab.config import get_config
+from llmlab.model import Transformer
+from llmlab.parallel.comm import Comm
+from llmlab.parallel.shard import shard_model
+
+
+def build_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Transformer:
+    """``Transformer(get_config(preset, **overrides))`` with weights from ``seed``, in eval mode: every rank
+    (and the single-process reference) builds the identical model.
+
+    Biases and norm gains get random values too: the usual init (0 and 1) would hide
+    a bias added on every rank instead of once after the all-reduce.
+    """
+    torch.manual_seed(seed)
+    model = Transformer(get_config(preset, **overrides)).to(dtype).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
+def sharded_logits(preset: str, ids: torch.Tensor, seed: int = 0, dtype: torch.dtype = torch.float32,
+                   **overrides) -> dict:
+    """This rank's view of one forward pass of the split model: logits, its parameter count, what it sent."""
+    model = build_model(preset, seed, dtype, **overrides)
+    full_parameters = sum(p.numel() for p in model.parameters())
+    comm = Comm()
+    shard_model(model, comm)
+    with torch.no_grad():
+        logits = model(ids).logits
+    stats = comm.reset()
+    return {"logits": logits, "parameters": sum(p.numel() for p in model.parameters()),
+            "full_parameters": full_parameters, "calls": dict(stats.calls),
+            "payload_bytes": dict(stats.payload_bytes), "wire_bytes": dict(stats.wire_bytes)}
+
+
+def sharded_generate(preset: str, prompts: list[list[int]], max_new_tokens: int, seed: int = 0,
+                     dtype: torch.dtype = torch.float32, **overrides) -> list[list[int]]:
+    """Greedy continuations of ``prompts`` by the split model, through the ordinary generator and its KV cache."""
+    from llmlab.generate import generate_many
+    from llmlab.sampling import SamplingParams
+
+    model = shard_model(build_model(preset, seed, dtype, **overrides), Comm())
+    return generate_many(model, prompts, SamplingParams(temperature=0, max_new_tokens=max_new_tokens))

@@ -1,0 +1,147 @@
+"""Tensor parallelism (llmlab.parallel): split layers on real gloo ranks equal the single process.
+
+Spawned ranks are real processes on 127.0.0.1; each run takes a few seconds, so
+each spawned test checks several things of one run.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from llmlab.config import get_config
+from llmlab.parallel import (Comm, ParallelConfigError, ParallelSetupError, check_tp, free_port, init_distributed,
+                             local_heads, ring_wire_bytes, run_parallel, shard_model, vocab_shard)
+from llmlab.parallel.runs import build_model, sharded_generate, sharded_logits
+
+IDS = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+# -- one process: the arithmetic of the split ------------------------------------------------------
+
+
+def test_ring_wire_bytes_follow_the_ring_formulas():
+    assert ring_wire_bytes("all_reduce", 1000, 4) == 1500  # 2·(N−1)/N
+    assert ring_wire_bytes("all_gather", 1000, 4) == 3000  # (N−1) pieces
+    assert ring_wire_bytes("broadcast", 1000, 4) == 1000
+    assert ring_wire_bytes("all_reduce", 1000, 1) == 0
+    with pytest.raises(ValueError, match="unknown collective"):
+        ring_wire_bytes("scatter", 1, 2)
+
+
+def test_vocab_shards_cover_an_uneven_vocabulary_once():
+    shards = [vocab_shard(50257, rank, 4) for rank in range(4)]
+    assert [s[2] for s in shards] == [12565] * 4  # every shard the same size (the all-gather needs it)
+    assert [(s[0], s[1]) for s in shards] == [(0, 12565), (12565, 25130), (25130, 37695), (37695, 50257)]
+
+
+@pytest.mark.parametrize(("n_kv_heads", "tp", "expected"), [
+    (4, 2, [(range(0, 2), range(0, 2)), (range(2, 4), range(2, 4))]),  # MHA: split
+    (2, 2, [(range(0, 2), range(0, 1)), (range(2, 4), range(1, 2))]),  # GQA: split
+    (2, 4, [(range(0, 1), range(0, 1)), (range(1, 2), range(0, 1)),  # fewer KV heads than ranks: replicated
+            (range(2, 3), range(1, 2)), (range(3, 4), range(1, 2))]),
+    (1, 4, [(range(r, r + 1), range(0, 1)) for r in range(4)]),  # MQA: the one KV head everywhere
+])
+def test_local_heads_split_or_replicate_kv_heads(n_kv_heads, tp, expected):
+    config = get_config("course-tiny-llama", n_kv_heads=n_kv_heads)
+    assert [local_heads(config, rank, tp) for rank in range(tp)] == expected
+
+
+def test_sizes_that_do_not_split_are_refused_with_the_sizes_that_would():
+    with pytest.raises(ParallelConfigError, match=r"n_heads=4 .* does not divide by tp=3: .*\[1, 2, 4\]"):
+        check_tp(get_config("course-tiny"), 3)
+    with pytest.raises(ParallelConfigError, match="n_kv_heads=3 and tp=2"):
+        check_tp(get_config("course-tiny-llama", n_heads=6, n_kv_heads=3, head_dim=64, d_ff=690), 2)
+
+
+def test_one_rank_is_the_unsplit_model():
+    model = build_model("course-tiny-llama")
+    want = model(IDS).logits
+    comm = Comm.single()
+    shard_model(model, comm)
+    torch.testing.assert_close(model(IDS).logits, want, atol=1e-6, rtol=0)
+    assert comm.stats.total("calls") == 0
+
+
+def test_a_rendezvous_nobody_joins_times_out_naming_address_and_port():
+    port = free_port()
+    with pytest.raises(ParallelSetupError, match=rf"rank 0 of 2 could not meet the others at 127.0.0.1:{port} "
+                                                 r"within 2 s"):
+        init_distributed(0, 2, addr="127.0.0.1", port=port, timeout_s=2)
+
+
+# -- real ranks ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize(("preset", "overrides"), [("course-tiny", {}), ("course-tiny-llama", {}),
+                                                   ("course-tiny-llama", {"n_kv_heads": 1})],
+                         ids=["MHA", "GQA+RoPE", "MQA-replicated"])
+def test_split_model_gives_the_single_process_logits(preset, overrides, tp):
+    reference = build_model(preset, **overrides)
+    with torch.no_grad():
+        want = reference(IDS).logits
+    ranks = run_parallel(sharded_logits, tp, preset, IDS, **overrides)
+    config = reference.config
+    tokens = IDS.numel()
+    for result in ranks:
+        torch.testing.assert_close(result["logits"], want, atol=1e-5, rtol=0)
+        # one all-reduce after attention and one after the MLP per layer, one for the embedding lookup
+        assert result["calls"] == {"all_reduce": 2 * config.n_layers + 1, "all_gather": 1}
+        hidden_bytes = tokens * config.d_model * 4
+        assert result["payload_bytes"]["all_reduce"] == (2 * config.n_layers + 1) * hidden_bytes
+        assert result["wire_bytes"]["all_reduce"] == (2 * config.n_layers + 1) * hidden_bytes * 2 * (tp - 1) / tp
+        shard_vocab = vocab_shard(config.vocab_size, 0, tp)[2]
+        assert result["payload_bytes"]["all_gather"] == tokens * shard_vocab * 4  # each rank's slice of the logits
+    held = [result["parameters"] for result in ranks]
+    assert len(set(held)) == 1  # every rank holds the same share
+    if config.n_kv_heads % tp == 0:
+        assert held[0] < ranks[0]["full_parameters"] / tp * 1.1  # about 1/tp (norms and positions are whole)
+    else:
+        assert held[0] > ranks[0]["full_parameters"] / tp  # replicated KV heads are held on several ranks
+
+
+@pytest.mark.parametrize(("preset", "tp"), [("course-tiny", 2), ("course-tiny-llama", 2), ("course-tiny-llama", 4)])
+def test_split_model_generates_the_same_tokens(preset, tp):
+    prompts = [[5, 17, 300, 2], [900, 4, 4, 81, 13, 7, 1]]
+    from llmlab.generate import generate_many
+    from llmlab.sampling import SamplingParams
+
+    want = generate_many(build_model(preset), prompts, SamplingParams(temperature=0, max_new_tokens=10))
+    for got in run_parallel(sharded_generate, tp, preset, prompts, 10):
+        assert got == want
+
+
+def fail_on_rank_one() -> int:
+    """A run where rank 1 dies: rank 0 must not wait for it forever."""
+    comm = Comm()
+    if comm.rank == 1:
+        raise RuntimeError("rank 1 broke on purpose")
+    comm.all_reduce(torch.ones(4))  # would wait for rank 1 forever without the launcher stopping it
+    return comm.rank
+
+
+def test_a_rank_that_dies_stops_the_others_with_an_error():
+    with pytest.raises(ParallelSetupError, match="a rank failed, so every rank was stopped"):
+        run_parallel(fail_on_rank_one, 2, timeout_s=30)
+
+
+def test_two_runs_at_once_on_their_own_ports():
+    results, errors = {}, []
+
+    def run(name):
+        try:
+            results[name] = run_parallel(sharded_logits, 2, "course-tiny", IDS)
+        except Exception as err:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and set(results) == {"first", "second"}
+    torch.testing.assert_close(results["first"][0]["logits"], results["second"][0]["logits"], atol=0, rtol=0)
+
