@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: such a prompt is refused)")
     gen.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: built-in model)")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: CUDA when present)")
+    gen.add_argument("--tp", type=int, default=1,
+                     help="tensor-parallel ranks (notebook 12); start one process per rank with torchrun: "
+                          "torchrun --nproc-per-node 2 -m llmlab generate PROMPT --tp 2")
     gen.add_argument("--compile", action="store_true",
                      help="compile the decode step with torch.compile: seconds to start, then faster tokens "
                           "(needs a C++ compiler on a CPU; see notebook 09)")
@@ -101,6 +104,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise GenerateError("--compile compiles one prompt's decode step; several prompts run through the "
                             "engine, which does not compile: leave --compile out, or give one prompt.")
     ckpt = load_checkpoint(args.checkpoint, device=device(args.device))
+    if args.tp != 1:
+        params = _split_over_ranks(ckpt.model, args.tp, params)
     tokenizer = _PromptTokenizer(ckpt.tokenizer, args.allow_special)
     for prompt in prompts:
         tokenizer.check(prompt, ckpt.model.config.context_length)
@@ -114,6 +119,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _split_over_ranks(model, tp: int, params):
+    """Join the ``torchrun`` group, split ``model`` over its ranks (notebook 12); rank 0 alone prints.
+
+    Every rank samples the same tokens: greedy picks agree on identical logits, and a
+    sampling run without ``--seed`` uses rank 0's random seed on every rank.
+    """
+    import atexit
+
+    import torch
+    import torch.distributed as dist
+
+    from llmlab.parallel import Comm, ParallelConfigError, init_distributed, shard_model
+    from llmlab.sampling import MAX_SEED, SamplingParams
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tp < 1 or world != tp:
+        raise ParallelConfigError(
+            f"--tp {tp} needs {tp} ranks, but this process is one of {world}: start one process per rank, "
+            f"torchrun --nproc-per-node {max(tp, 1)} -m llmlab generate PROMPT --tp {max(tp, 1)}.")
+    init_distributed()
+    atexit.register(dist.destroy_process_group)
+    comm = Comm()
+    shard_model(model, comm)
+    if comm.rank != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+    if params.seed is None and params.temperature > 0:
+        seed = torch.randint(0, MAX_SEED, (1,)) if comm.rank == 0 else torch.zeros(1, dtype=torch.long)
+        params = SamplingParams(**{**params.__dict__, "seed": int(comm.broadcast(seed)[0])})
+    return params
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -305,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmlab.errors import LlmlabError
     from llmlab.generate import GenerateError
     from llmlab.model import ModelSizeError
+    from llmlab.parallel import ParallelConfigError
     from llmlab.runtime import SettingError
     from llmlab.sampling import SamplingError
     from llmlab.tokenizer import TokenizerError, TokenizerFileError
@@ -320,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     except TokenizerFileError as err:  # a damaged file, not a usage mistake
         return _error(args.command, err, EXIT_FAILURE)
     except (SamplingError, GenerateError, ConfigError, TrainingError, TokenizerError, SettingError,
-            CalcError) as err:
+            CalcError, ParallelConfigError) as err:
         return _error(args.command, err, EXIT_USAGE)
     except (CheckpointError, DataError, CompileError, ModelSizeError) as err:
         return _error(args.command, err, EXIT_FAILURE)

@@ -6,7 +6,11 @@ each spawned test checks several things of one run.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,7 @@ from llmlab.parallel import (Comm, ParallelConfigError, ParallelSetupError, chec
                              local_heads, ring_wire_bytes, run_parallel, shard_model, vocab_shard)
 from llmlab.parallel.runs import build_model, sharded_generate, sharded_logits
 
+ROOT = Path(__file__).resolve().parents[1]
 IDS = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
@@ -145,3 +150,48 @@ def test_two_runs_at_once_on_their_own_ports():
     assert not errors and set(results) == {"first", "second"}
     torch.testing.assert_close(results["first"][0]["logits"], results["second"][0]["logits"], atol=0, rtol=0)
 
+
+# -- the command line under torchrun ---------------------------------------------------------------
+
+GENERATE = ["-m", "llmlab", "generate", "ROMEO:", "--temperature", "0", "--max-new-tokens", "12"]
+
+
+def _cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=ROOT)
+
+
+def test_tp_without_torchrun_says_how_to_start_it():
+    result = _cli(*GENERATE, "--tp", "2")
+    assert result.returncode == 2
+    assert "--tp 2 needs 2 ranks, but this process is one of 1" in result.stderr
+    assert "torchrun --nproc-per-node 2 -m llmlab generate PROMPT --tp 2" in result.stderr
+
+
+def test_torchrun_two_ranks_print_once_the_single_process_text():
+    single = _cli(*GENERATE)
+    assert single.returncode == 0, single.stderr
+    split = _cli("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                 *GENERATE, "--tp", "2")
+    assert split.returncode == 0, split.stderr[-2000:]
+    assert split.stdout == single.stdout  # rank 1 prints nothing
+
+
+def test_two_nodes_meet_over_c10d_on_localhost():
+    """``torchrun --nnodes 2 --rdzv-backend c10d``: two launchers, one process each, as two machines would."""
+    port = free_port()
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "llmlab-test",
+              *GENERATE, "--tp", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    nodes = [subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+             for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=240) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], [err[-1500:] for _, err in outputs]
+    printed = [out for out, _ in outputs if out]
+    assert printed == [_cli(*GENERATE).stdout]  # exactly one node holds rank 0
