@@ -107,3 +107,55 @@ def tp_allreduce_bytes_per_token(config: ModelConfig, dtype: str = "bf16") -> fl
     Llama-3-70B in bf16 gives 2 × 8,192 × 2 B = 32 KiB per layer, about 2.6 MB per token.
     """
     return 2 * config.n_layers * config.d_model * dtype_bytes(dtype)
+
+
+def fit_latency_bandwidth(message_bytes: list[float], seconds: list[float]) -> tuple[float, float]:
+    """The α–β model of a collective, ``seconds ≈ α + bytes / β``, fitted to measurements (notebook 12).
+
+    Returns ``(α in seconds, β in bytes per second)``: α is the fixed cost of one call
+    (latency, software, synchronisation), β the bandwidth large messages reach.  The
+    fit minimises *relative* errors (least squares weighted by 1/seconds²), so a 64-byte
+    message counts as much as a 64 MB one and α is not drowned by the large sizes.
+    Give sizes spanning small and large messages, or the two cannot be told apart.
+    """
+    if len(message_bytes) != len(seconds) or len(message_bytes) < 2:
+        raise ValueError("fit_latency_bandwidth needs at least two (bytes, seconds) pairs, as many of each.")
+    if min(seconds) <= 0:
+        raise ValueError("every measured time must be > 0 seconds.")
+    weights = [1 / y**2 for y in seconds]
+    total = sum(weights)
+    mean_x = sum(w * x for w, x in zip(weights, message_bytes)) / total
+    mean_y = sum(w * y for w, y in zip(weights, seconds)) / total
+    spread = sum(w * (x - mean_x) ** 2 for w, x in zip(weights, message_bytes))
+    if spread == 0:
+        raise ValueError("all messages have the same size: measure several sizes (e.g. 64 B … 64 MB).")
+    slope = sum(w * (x - mean_x) * (y - mean_y) for w, x, y in zip(weights, message_bytes, seconds)) / spread
+    if slope <= 0:
+        raise ValueError("the times do not grow with the size: measure larger messages, or repeat more.")
+    return max(mean_y - slope * mean_x, 0.0), 1 / slope
+
+
+def tp_seconds_per_token(config: ModelConfig, tp: int, over: Link | str | float, dtype: str = "bf16",
+                         latency: float = 0.0, batch: int = 1) -> float:
+    """Time the all-reduces of tensor parallelism add to one decode step of ``batch`` sequences (notebook 12).
+
+    ``2 × n_layers`` all-reduces, each ``α + ring bytes / bandwidth`` (the ring moves
+    2·(N−1)/N of a ``batch × d_model`` message per rank).  Nothing overlaps: this is
+    the time a step waits on the link.
+    """
+    if tp == 1:
+        return 0.0
+    wire = ring_allreduce_bytes(batch * tp_allreduce_bytes_per_token(config, dtype), tp)
+    return 2 * config.n_layers * latency + transfer_seconds(wire, over)
+
+
+def tp_bandwidth_needed(config: ModelConfig, tp: int, tokens_per_second: float, share: float = 0.1,
+                        dtype: str = "bf16", latency: float = 0.0, batch: int = 1) -> float:
+    """Bytes per second a link needs so that TP's all-reduces take at most ``share`` of each decode step
+    at ``tokens_per_second`` per sequence (notebook 12); ``inf`` when the latency alone exceeds the budget."""
+    if tp == 1:
+        return 0.0
+    budget = share / tokens_per_second - 2 * config.n_layers * latency
+    if budget <= 0:
+        return float("inf")
+    return ring_allreduce_bytes(batch * tp_allreduce_bytes_per_token(config, dtype), tp) / budget

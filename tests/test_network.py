@@ -47,3 +47,48 @@ def test_tensor_parallel_bytes_for_llama3_70b():
 def test_gib_vs_gb():
     assert 81_559 * 2**20 == pytest.approx(85.5e9, rel=1e-3)
     assert network.GiB == 1_073_741_824
+
+
+# -- notebook 12: the α–β model and tensor parallelism's link time ----------------------------------
+
+
+def test_alpha_beta_fit_recovers_a_known_link():
+    from llmlab.network import fit_latency_bandwidth
+
+    sizes = [64 * 4**k for k in range(11)]  # 64 B … 64 MiB
+    alpha, beta = fit_latency_bandwidth(sizes, [20e-6 + size / 12.5e9 for size in sizes])
+    assert alpha == pytest.approx(20e-6, rel=1e-9)
+    assert beta == pytest.approx(12.5e9, rel=1e-9)
+
+
+def test_alpha_beta_fit_refuses_what_it_cannot_fit():
+    from llmlab.network import fit_latency_bandwidth
+
+    with pytest.raises(ValueError, match="at least two"):
+        fit_latency_bandwidth([64], [1e-5])
+    with pytest.raises(ValueError, match="same size"):
+        fit_latency_bandwidth([64, 64], [1e-5, 2e-5])
+    with pytest.raises(ValueError, match="do not grow"):
+        fit_latency_bandwidth([64, 1e6], [1e-3, 1e-4])
+
+
+def test_tp_link_time_per_token_for_llama3_70b_on_nvlink():
+    from llmlab.network import GB, tp_seconds_per_token
+
+    config = get_config("llama3-70b")
+    per_token = 2 * 80 * 8192 * 2  # two bf16 hidden vectors per layer
+    wire = per_token * 2 * 7 / 8  # ring all-reduce over 8 GPUs
+    assert tp_seconds_per_token(config, 8, "NVLink 4 (H100)") == pytest.approx(wire / (450 * GB), rel=1e-12)
+    assert tp_seconds_per_token(config, 8, "NVLink 4 (H100)", latency=5e-6) == pytest.approx(
+        wire / (450 * GB) + 160 * 5e-6, rel=1e-12)
+    assert tp_seconds_per_token(config, 1, "100 GbE") == 0
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_tp_bandwidth_needed_is_the_inverse_of_the_link_time(tp):
+    from llmlab.network import tp_bandwidth_needed, tp_seconds_per_token
+
+    config = get_config("llama3-8b")
+    need = tp_bandwidth_needed(config, tp, tokens_per_second=50, share=0.1, latency=2e-6, batch=8)
+    assert tp_seconds_per_token(config, tp, need, latency=2e-6, batch=8) == pytest.approx(0.1 / 50, rel=1e-9)
+    assert tp_bandwidth_needed(config, tp, tokens_per_second=1e6, latency=1e-3) == float("inf")

@@ -195,3 +195,15 @@ def test_two_nodes_meet_over_c10d_on_localhost():
     assert [node.returncode for node in nodes] == [0, 0], [err[-1500:] for _, err in outputs]
     printed = [out for out, _ in outputs if out]
     assert printed == [_cli(*GENERATE).stdout]  # exactly one node holds rank 0
+
+
+def test_all_reduce_timings_on_real_ranks_fit_the_alpha_beta_model():
+    from llmlab.network import fit_latency_bandwidth
+    from llmlab.parallel.runs import all_reduce_seconds
+
+    sizes = [64, 4096, 262144, 4 * 2**20]
+    timings = run_parallel(all_reduce_seconds, 2, sizes, 3)
+    assert len(timings) == 2 and all(len(t) == len(sizes) and min(t) > 0 for t in timings)
+    assert timings[0][-1] > timings[0][0]  # 4 MiB takes longer than 64 B on any machine
+    alpha, beta = fit_latency_bandwidth(sizes, timings[0])
+    assert alpha >= 0 and beta > 0

@@ -26,18 +26,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from llmlab.network import ring_allreduce_bytes
+
 
 def ring_wire_bytes(op: str, payload: int, world_size: int) -> float:
     """Bytes one rank sends for one collective of ``payload`` bytes under the ring algorithm (notebook 12)."""
-    n = world_size
-    if n == 1:
-        return 0.0
     if op == "all_reduce":
-        return 2 * (n - 1) / n * payload
+        return ring_allreduce_bytes(payload, world_size)
     if op == "all_gather":
-        return (n - 1) * payload
+        return float((world_size - 1) * payload)
     if op == "broadcast":
-        return float(payload)
+        return float(payload) if world_size > 1 else 0.0
     raise ValueError(f"unknown collective {op!r}: expected all_reduce, all_gather or broadcast.")
 
 

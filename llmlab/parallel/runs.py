@@ -56,3 +56,28 @@ def sharded_generate(preset: str, prompts: list[list[int]], max_new_tokens: int,
 
     model = shard_model(build_model(preset, seed, dtype, **overrides), Comm())
     return generate_many(model, prompts, SamplingParams(temperature=0, max_new_tokens=max_new_tokens))
+
+
+def all_reduce_seconds(sizes: list[int], repeats: int = 5) -> list[float]:
+    """Median seconds of one all-reduce of each size in bytes (float32 messages), on this rank (notebook 12).
+
+    Each size is warmed up once; the ranks start each timing together (a barrier).
+    """
+    import statistics
+    import time
+
+    import torch.distributed as dist
+
+    comm = Comm()
+    medians = []
+    for size in sizes:
+        message = torch.ones(max(size // 4, 1))
+        comm.all_reduce(message)
+        times = []
+        for _ in range(repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            comm.all_reduce(message)
+            times.append(time.perf_counter() - start)
+        medians.append(statistics.median(times))
+    return medians
