@@ -18,7 +18,7 @@ import torch
 from llmlab.config import get_config
 from llmlab.parallel import (Comm, ParallelConfigError, ParallelSetupError, check_tp, free_port, init_distributed,
                              local_heads, ring_wire_bytes, run_parallel, shard_model, vocab_shard)
-from llmlab.parallel.runs import build_model, sharded_generate, sharded_logits
+from llmlab.parallel.runs import build_model, sharded_engine, sharded_generate, sharded_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -150,6 +150,42 @@ def test_two_runs_at_once_on_their_own_ports():
     assert not errors and set(results) == {"first", "second"}
     torch.testing.assert_close(results["first"][0]["logits"], results["second"][0]["logits"], atol=0, rtol=0)
 
+
+
+def test_a_packed_batch_survives_the_broadcast_encoding():
+    from llmlab.engine.paged_cache import Span
+    from llmlab.engine.runner import PackedBatch
+    from llmlab.parallel.engine import decode, encode
+
+    batch = PackedBatch(items=[], ids=[7, 8, 9, 4], positions=[0, 1, 2, 40], slots=[16, 17, -1, 99],
+                        spans=[Span(0, 3, 3, [4]), Span(3, 1, 41, [0, 2, 9])], last=[3])
+    assert decode(encode(batch)) == (batch.ids, batch.positions, batch.slots, batch.spans, batch.last)
+
+
+def _engine_tokens(preset, prompts, n, options, **overrides):
+    from llmlab.engine import Engine
+    from llmlab.sampling import SamplingParams
+
+    engine = Engine(build_model(preset, **overrides), **options)
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_new_tokens=n)) for p in prompts]
+    done = {}
+    while engine.has_unfinished_requests:
+        for out in engine.step():
+            done[out.request_id] = out.token_ids
+    return [done[rid] for rid in ids], engine.stats()["steps"]
+
+
+@pytest.mark.parametrize(("preset", "tp"), [("course-tiny", 2), ("course-tiny-llama", 4)])
+def test_engine_on_split_ranks_equals_the_single_process_engine(preset, tp):
+    """Rank 0 schedules (chunked prefill, block size 4) and broadcasts each batch; every rank runs it."""
+    prompts = [[5, 17, 300, 2], [900, 4, 4, 81, 13, 7, 1] * 5, [3] * 20]
+    options = {"block_size": 4, "max_num_batched_tokens": 16}
+    want, steps = _engine_tokens(preset, prompts, 8, options)
+    ranks = run_parallel(sharded_engine, tp, preset, prompts, 8, engine_options=options)
+    assert ranks[0]["tokens"] == want
+    assert [r["passes"] for r in ranks] == [steps] * tp  # every rank ran every pass
+    assert ranks[0]["calls"]["broadcast"] == 1 + 2 * steps + 1  # the pool's shape, (length, batch) per step, stop
+    assert 0 < ranks[0]["payload_bytes"]["broadcast"] < ranks[0]["payload_bytes"]["all_reduce"] / 20
 
 # -- the command line under torchrun ---------------------------------------------------------------
 

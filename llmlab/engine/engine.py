@@ -84,7 +84,13 @@ class Engine:
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.cache = PagedKVCache.for_model(self.config, num_blocks, block_size, parameter.dtype, parameter.device)
         self.scheduler = Scheduler(scheduler_config, self.blocks)
-        self.runner = ModelRunner(self.model, self.cache, self.blocks)
+        comm = getattr(self.model, "tp_comm", None)
+        if comm is not None and comm.world_size > 1:  # split by llmlab.parallel.shard_model (notebook 12)
+            from llmlab.parallel.engine import BroadcastRunner
+
+            self.runner = BroadcastRunner(self.model, self.cache, self.blocks, comm)
+        else:
+            self.runner = ModelRunner(self.model, self.cache, self.blocks)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.num_steps = 0
@@ -213,6 +219,11 @@ class Engine:
     @property
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
+
+    def close(self) -> None:
+        """Release what the engine holds outside this process: a tensor-parallel engine (notebook 12)
+        tells its other ranks to stop following.  Nothing to do for one process."""
+        self.runner.stop()
 
     def stats(self) -> dict[str, float]:
         """Counters since the engine was made: steps, tokens, preemptions, prefix-cache hit rate, blocks."""

@@ -43,12 +43,19 @@ class ModelRunner:
         and their logits, ``[len(those), vocab]``, in the same order.
         """
         batch = self.pack(items)
+        return batch.finishing, self.run_packed(batch.ids, batch.positions, batch.slots, batch.spans, batch.last)
+
+    def run_packed(self, ids: list[int], positions: list[int], slots: list[int], spans: list[Span],
+                   last: list[int]) -> torch.Tensor:
+        """The model over one packed row; ``[len(last), vocab]`` logits at the row indices ``last``."""
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
-        out = self.model(as_tensor([batch.ids]), positions=as_tensor(batch.positions),
-                         cache=self.cache.step(as_tensor(batch.slots), batch.spans),
-                         logits_to_keep=as_tensor(batch.last))
+        out = self.model(as_tensor([ids]), positions=as_tensor(positions), cache=self.cache.step(as_tensor(slots), spans),
+                         logits_to_keep=as_tensor(last))
         self.forward_passes += 1
-        return batch.finishing, out.logits[0]
+        return out.logits[0]
+
+    def stop(self) -> None:
+        """Nothing to tell: one process runs the model (a tensor-parallel runner releases its other ranks)."""
 
     def pack(self, items: list[tuple[Sequence, int]]) -> PackedBatch:
         """Lay ``items``' new tokens side by side in one row: prompt chunks first, then the decoding

@@ -81,3 +81,29 @@ def all_reduce_seconds(sizes: list[int], repeats: int = 5) -> list[float]:
             times.append(time.perf_counter() - start)
         medians.append(statistics.median(times))
     return medians
+
+
+def sharded_engine(preset: str, prompts: list[list[int]], max_new_tokens: int, seed: int = 0,
+                   dtype: torch.dtype = torch.float32, engine_options: dict | None = None, **overrides) -> dict:
+    """The serving engine over the split model: rank 0 schedules, samples and returns the tokens and what
+    it broadcast; the other ranks follow (``llmlab.parallel.engine.follow``) and return their pass count."""
+    from llmlab.engine import Engine
+    from llmlab.parallel.engine import follow
+    from llmlab.sampling import SamplingParams
+
+    comm = Comm()
+    model = shard_model(build_model(preset, seed, dtype, **overrides), comm)
+    if comm.rank != 0:
+        return {"passes": follow(model, comm)}
+    engine = Engine(model, **(engine_options or {}))
+    try:
+        ids = [engine.add_request(p, SamplingParams(temperature=0, max_new_tokens=max_new_tokens)) for p in prompts]
+        tokens = {rid: [] for rid in ids}
+        while engine.has_unfinished_requests:
+            for out in engine.step():
+                tokens[out.request_id] = out.token_ids
+    finally:
+        engine.close()
+    stats = comm.reset()
+    return {"tokens": [tokens[rid] for rid in ids], "passes": engine.runner.forward_passes,
+            "calls": dict(stats.calls), "payload_bytes": dict(stats.payload_bytes)}
