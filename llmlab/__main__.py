@@ -186,9 +186,18 @@ def _generate_with_engine(ckpt, tokenizer, prompts: list[str], params) -> int:
     per_prompt = [params if params.seed is None else
                   SamplingParams(**{**params.__dict__, "seed": (params.seed + i) % (MAX_SEED + 1)})
                   for i in range(len(prompts))]
+    comm = getattr(ckpt.model, "tp_comm", None)
+    if comm is not None and comm.rank != 0:  # split over ranks (--tp): rank 0 schedules, this rank follows
+        from llmlab.parallel.engine import follow
+
+        follow(ckpt.model, comm)
+        return 0
     llm = LLM(model=ckpt.model, tokenizer=ckpt.tokenizer)
     start = time.perf_counter()
-    results = llm.generate([tokenizer.encode(p) for p in prompts], per_prompt, progress=False)
+    try:
+        results = llm.generate([tokenizer.encode(p) for p in prompts], per_prompt, progress=False)
+    finally:
+        llm.engine.close()
     seconds = time.perf_counter() - start
     for number, (prompt, result) in enumerate(zip(prompts, results), 1):
         if number > 1:

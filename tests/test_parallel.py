@@ -192,6 +192,11 @@ def test_engine_on_split_ranks_equals_the_single_process_engine(preset, tp):
 GENERATE = ["-m", "llmlab", "generate", "ROMEO:", "--temperature", "0", "--max-new-tokens", "12"]
 
 
+def generate(*more_prompts: str) -> list[str]:
+    """The ``llmlab generate`` arguments for "ROMEO:" and ``more_prompts`` (prompts come before the options)."""
+    return [*GENERATE[:4], *more_prompts, *GENERATE[4:]]
+
+
 def _cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout,
@@ -205,13 +210,14 @@ def test_tp_without_torchrun_says_how_to_start_it():
     assert "torchrun --nproc-per-node 2 -m llmlab generate PROMPT --tp 2" in result.stderr
 
 
-def test_torchrun_two_ranks_print_once_the_single_process_text():
-    single = _cli(*GENERATE)
+@pytest.mark.parametrize("more", [[], ["JULIET:"]], ids=["one prompt", "two prompts through the engine"])
+def test_torchrun_two_ranks_print_once_the_single_process_text(more):
+    single = _cli(*generate(*more))
     assert single.returncode == 0, single.stderr
     split = _cli("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-                 *GENERATE, "--tp", "2")
+                 *generate(*more), "--tp", "2")
     assert split.returncode == 0, split.stderr[-2000:]
-    assert split.stdout == single.stdout  # rank 1 prints nothing
+    assert split.stdout == single.stdout  # rank 1 prints nothing (with two prompts it follows rank 0's engine)
 
 
 def test_two_nodes_meet_over_c10d_on_localhost():
