@@ -187,6 +187,21 @@ def test_engine_on_split_ranks_equals_the_single_process_engine(preset, tp):
     assert ranks[0]["calls"]["broadcast"] == 1 + 2 * steps + 1  # the pool's shape, (length, batch) per step, stop
     assert 0 < ranks[0]["payload_bytes"]["broadcast"] < ranks[0]["payload_bytes"]["all_reduce"] / 20
 
+
+def test_data_parallel_all_reduces_every_gradient_once_per_step():
+    """Two ranks, different data, DistributedDataParallel: each step moves exactly the gradients' bytes,
+    and the ranks end with the same weights."""
+    from llmlab.parallel.runs import ddp_gradient_bytes
+
+    ranks = run_parallel(ddp_gradient_bytes, 2, "course-tiny", 3)
+    config_bytes = build_model("course-tiny").num_parameters() * 4
+    for result in ranks:
+        assert result["gradient_bytes"] == config_bytes
+        assert result["bytes_per_step"] == [config_bytes] * 3
+        assert result["wire_bytes"]["all_reduce"] == 3 * config_bytes * 2 * (2 - 1) / 2
+    assert ranks[0]["loss"] != ranks[1]["loss"]  # each rank trained on its own batch
+    torch.testing.assert_close(ranks[0]["weights"], ranks[1]["weights"], atol=0, rtol=0)
+
 # -- the command line under torchrun ---------------------------------------------------------------
 
 GENERATE = ["-m", "llmlab", "generate", "ROMEO:", "--temperature", "0", "--max-new-tokens", "12"]

@@ -80,7 +80,9 @@ class Comm:
         counted, self.stats = self.stats, CommStats()
         return counted
 
-    def _record(self, op: str, payload: int) -> None:
+    def record(self, op: str, payload: int) -> None:
+        """Count one collective of ``payload`` bytes per rank; the collectives here call it, and so can
+        code that runs a collective itself (DDP's communication hook, notebook 12)."""
         self.stats.calls[op] += 1
         self.stats.payload_bytes[op] += payload
         self.stats.wire_bytes[op] += ring_wire_bytes(op, payload, self.world_size)
@@ -88,7 +90,7 @@ class Comm:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over all ranks, in place; returns it."""
         if self.world_size > 1:
-            self._record("all_reduce", tensor.numel() * tensor.element_size())
+            self.record("all_reduce", tensor.numel() * tensor.element_size())
             dist.all_reduce(tensor, group=self.group)
         return tensor
 
@@ -97,7 +99,7 @@ class Comm:
         if self.world_size == 1:
             return tensor
         tensor = tensor.contiguous()
-        self._record("all_gather", tensor.numel() * tensor.element_size())
+        self.record("all_gather", tensor.numel() * tensor.element_size())
         pieces = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(pieces, tensor, group=self.group)
         return torch.cat(pieces, dim=dim)
@@ -105,6 +107,6 @@ class Comm:
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Rank ``src``'s ``tensor`` on every rank, in place; returns it."""
         if self.world_size > 1:
-            self._record("broadcast", tensor.numel() * tensor.element_size())
+            self.record("broadcast", tensor.numel() * tensor.element_size())
             dist.broadcast(tensor, src=src, group=self.group)
         return tensor
