@@ -202,6 +202,13 @@ def test_data_parallel_all_reduces_every_gradient_once_per_step():
     assert ranks[0]["loss"] != ranks[1]["loss"]  # each rank trained on its own batch
     torch.testing.assert_close(ranks[0]["weights"], ranks[1]["weights"], atol=0, rtol=0)
 
+
+def test_an_engine_on_a_following_rank_says_to_follow_instead():
+    from llmlab.parallel.runs import engine_on_every_rank
+
+    with pytest.raises(ParallelSetupError, match=r"on rank 1, run llmlab.parallel.engine.follow\(model, comm\)"):
+        run_parallel(engine_on_every_rank, 2, "course-tiny", timeout_s=30)
+
 # -- the command line under torchrun ---------------------------------------------------------------
 
 GENERATE = ["-m", "llmlab", "generate", "ROMEO:", "--temperature", "0", "--max-new-tokens", "12"]

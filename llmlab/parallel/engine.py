@@ -20,6 +20,7 @@ from llmlab.engine.paged_cache import PagedKVCache, Span
 from llmlab.engine.runner import ModelRunner, PackedBatch
 from llmlab.engine.sequence import Sequence
 from llmlab.parallel.comm import Comm
+from llmlab.parallel.launch import ParallelSetupError
 
 STOP = -1
 """A batch length that tells the other ranks to stop following."""
@@ -54,6 +55,10 @@ class BroadcastRunner(ModelRunner):
     """Rank 0's runner: each packed batch goes to the other ranks (one counted broadcast), then runs here too."""
 
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, blocks: BlockManager, comm: Comm) -> None:
+        if comm.rank != 0:
+            raise ParallelSetupError(f"an Engine schedules on rank 0 only; on rank {comm.rank}, run "
+                                     "llmlab.parallel.engine.follow(model, comm) instead, which runs the batches "
+                                     "rank 0 sends.")
         super().__init__(model, cache, blocks)
         self.comm = comm
         comm.broadcast(torch.tensor([cache.num_blocks, cache.block_size]))  # the followers build the same pool

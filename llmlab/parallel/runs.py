@@ -149,3 +149,10 @@ def ddp_gradient_bytes(preset: str, steps: int = 3, batch_size: int = 2, seq_len
         weights = torch.cat([p.flatten() for p in model.parameters()])
     return {"bytes_per_step": per_step, "gradient_bytes": gradient_bytes, "loss": loss.item(),
             "wire_bytes": dict(comm.stats.wire_bytes), "weights": weights}
+
+
+def engine_on_every_rank(preset: str) -> None:
+    """A mistake on purpose: every rank builds an Engine (only rank 0 may; the others follow)."""
+    from llmlab.engine import Engine
+
+    Engine(shard_model(build_model(preset), Comm()))
