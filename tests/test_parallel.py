@@ -129,8 +129,12 @@ def fail_on_rank_one() -> int:
 
 
 def test_a_rank_that_dies_stops_the_others_with_an_error():
-    with pytest.raises(ParallelSetupError, match="a rank failed, so every rank was stopped"):
+    with pytest.raises(ParallelSetupError, match="a rank failed, so every rank was stopped") as caught:
         run_parallel(fail_on_rank_one, 2, timeout_s=30)
+    # Rank 0 may fail too ("connection closed by peer") and be the one spawn notices first; the
+    # message still leads with the rank that caused it.
+    first = str(caught.value).split("-- rank ")[1]
+    assert first.startswith("1 raised") and "rank 1 broke on purpose" in first
 
 
 def test_two_runs_at_once_on_their_own_ports():
@@ -206,8 +210,9 @@ def test_data_parallel_all_reduces_every_gradient_once_per_step():
 def test_an_engine_on_a_following_rank_says_to_follow_instead():
     from llmlab.parallel.runs import engine_on_every_rank
 
-    with pytest.raises(ParallelSetupError, match=r"on rank 1, run llmlab.parallel.engine.follow\(model, comm\)"):
+    with pytest.raises(ParallelSetupError, match=r"on rank 1, run llmlab.parallel.engine.follow\(model, comm\)") as caught:
         run_parallel(engine_on_every_rank, 2, "course-tiny", timeout_s=30)
+    assert str(caught.value).split("-- rank ")[1].startswith("1 raised")
 
 # -- the command line under torchrun ---------------------------------------------------------------
 

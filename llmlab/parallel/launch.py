@@ -14,6 +14,7 @@ import datetime
 import os
 import socket
 import tempfile
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -63,13 +64,34 @@ def init_distributed(rank: int | None = None, world_size: int | None = None, *, 
 def _run_rank(rank: int, fn: Callable, world_size: int, port: int, timeout_s: float, args: tuple, kwargs: dict,
               folder: str) -> None:
     torch.set_num_threads(1)  # ranks share the machine's cores; one thread each avoids oversubscription
-    init_distributed(rank, world_size, addr="127.0.0.1", port=port, timeout_s=timeout_s)
+    joined = False
     try:
+        init_distributed(rank, world_size, addr="127.0.0.1", port=port, timeout_s=timeout_s)
+        joined = True
         # A file, not a queue: a queue's pipe fills up and blocks the rank from exiting while the
         # parent waits for it to exit; and tensors sent as shared memory would die with this process.
         torch.save(fn(*args, **kwargs), os.path.join(folder, f"rank{rank}.pt"))
+    except BaseException:
+        # Written before this rank leaves the group, so the parent can say which rank failed first:
+        # the moment it leaves, its peers fail with "connection closed", and spawn reports whichever
+        # process it happens to poll first.
+        with open(os.path.join(folder, f"rank{rank}.error"), "w") as out:
+            out.write(traceback.format_exc())
+        raise
     finally:
-        dist.destroy_process_group()
+        if joined:
+            dist.destroy_process_group()
+
+
+def _rank_errors(folder: str) -> str:
+    """Every failed rank's traceback, the first to fail first."""
+    names = sorted((n for n in os.listdir(folder) if n.endswith(".error")),
+                   key=lambda n: os.stat(os.path.join(folder, n)).st_mtime_ns)
+    parts = []
+    for name in names:
+        with open(os.path.join(folder, name)) as error:
+            parts.append(f"-- {name.removesuffix('.error').replace('rank', 'rank ')} raised:\n{error.read()}")
+    return "\n".join(parts)
 
 
 def run_parallel(fn: Callable, world_size: int, *args, port: int | None = None, timeout_s: float = 60.0,
@@ -92,7 +114,8 @@ def _spawn(fn: Callable, world_size: int, port: int, timeout_s: float, args: tup
         mp.start_processes(_run_rank, args=(fn, world_size, port, timeout_s, args, kwargs, folder),
                            nprocs=world_size, join=True, start_method="spawn")
     except mp.ProcessRaisedException as err:
-        raise ParallelSetupError(f"a rank failed, so every rank was stopped (port {port}):\n{err}") from None
+        raise ParallelSetupError(f"a rank failed, so every rank was stopped (port {port}). What each failed rank "
+                                 f"raised, the first to fail first:\n\n{_rank_errors(folder) or err}") from None
     except mp.ProcessExitedException as err:
         raise ParallelSetupError(f"a rank exited with code {err.exit_code} before finishing, so every rank was "
                                  f"stopped (port {port}).") from None
