@@ -82,8 +82,8 @@ def test_a_rendezvous_nobody_joins_times_out_naming_address_and_port():
 
 @pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize(("preset", "overrides"), [("course-tiny", {}), ("course-tiny-llama", {}),
-                                                   ("course-tiny-llama", {"n_kv_heads": 1})],
-                         ids=["MHA", "GQA+RoPE", "MQA-replicated"])
+                                                   ("course-tiny-llama", {"n_kv_heads": 1}), ("checkpoint", {})],
+                         ids=["MHA", "GQA+RoPE", "MQA-replicated", "trained-checkpoint"])
 def test_split_model_gives_the_single_process_logits(preset, overrides, tp):
     reference = build_model(preset, **overrides)
     with torch.no_grad():
@@ -100,12 +100,36 @@ def test_split_model_gives_the_single_process_logits(preset, overrides, tp):
         assert result["wire_bytes"]["all_reduce"] == (2 * config.n_layers + 1) * hidden_bytes * 2 * (tp - 1) / tp
         shard_vocab = vocab_shard(config.vocab_size, 0, tp)[2]
         assert result["payload_bytes"]["all_gather"] == tokens * shard_vocab * 4  # each rank's slice of the logits
+        assert result["seconds"].keys() == result["calls"].keys() and min(result["seconds"].values()) > 0
     held = [result["parameters"] for result in ranks]
     assert len(set(held)) == 1  # every rank holds the same share
     if config.n_kv_heads % tp == 0:
         assert held[0] < ranks[0]["full_parameters"] / tp * 1.1  # about 1/tp (norms and positions are whole)
     else:
         assert held[0] > ranks[0]["full_parameters"] / tp  # replicated KV heads are held on several ranks
+
+
+def test_bytes_sent_grow_with_the_tokens_exactly_as_the_formula_says():
+    from llmlab.parallel.runs import collectives_by_length
+
+    config = get_config("course-tiny-llama")
+    lengths = [1, 5, 12]
+    for rank in run_parallel(collectives_by_length, 2, "course-tiny-llama", lengths):
+        assert [counted["tokens"] for counted in rank] == lengths
+        for n, counted in zip(lengths, rank):
+            assert counted["calls"] == {"all_reduce": 2 * config.n_layers + 1, "all_gather": 1}
+            assert counted["payload_bytes"]["all_reduce"] == (2 * config.n_layers + 1) * n * config.d_model * 4
+
+
+def test_decode_steps_are_timed_with_their_collectives():
+    from llmlab.parallel.runs import decode_seconds
+
+    single, = run_parallel(decode_seconds, 1, "course-tiny", 3)
+    assert len(single["step_seconds"]) == 3 and single["comm_seconds"] == [0.0] * 3
+    for rank in run_parallel(decode_seconds, 2, "course-tiny", 3):
+        assert len(rank["step_seconds"]) == 3
+        assert all(0 < comm < step for comm, step in zip(rank["comm_seconds"], rank["step_seconds"]))
+        assert rank["parameters"] < single["parameters"]
 
 
 @pytest.mark.parametrize(("preset", "tp"), [("course-tiny", 2), ("course-tiny-llama", 2), ("course-tiny-llama", 4)])

@@ -6,7 +6,8 @@ collective on the real process group (gloo on CPU, NCCL on GPUs) and records
 what it sent.  The bytes are read from the tensors handed to the collective, not
 from a formula — so notebook 12 can put the measured bytes beside the formula.
 
-Two numbers per collective:
+Per collective it counts calls, seconds spent inside it (waiting for the slowest
+rank included) and two byte counts:
 
 - **payload**: the bytes of the tensor each rank hands in (what the model "asks"
   to reduce or gather);
@@ -20,7 +21,9 @@ same model code runs unsplit.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -42,11 +45,13 @@ def ring_wire_bytes(op: str, payload: int, world_size: int) -> float:
 
 @dataclass
 class CommStats:
-    """What a :class:`Comm` has sent since its last ``reset``: calls, payload bytes, wire bytes, per collective."""
+    """What a :class:`Comm` has sent since its last ``reset``: calls, payload bytes, wire bytes and seconds
+    inside the collective, per collective."""
 
     calls: Counter = field(default_factory=Counter)
     payload_bytes: Counter = field(default_factory=Counter)
     wire_bytes: Counter = field(default_factory=Counter)
+    seconds: Counter = field(default_factory=Counter)
 
     def total(self, what: str = "wire_bytes") -> float:
         return sum(getattr(self, what).values())
@@ -87,11 +92,16 @@ class Comm:
         self.stats.payload_bytes[op] += payload
         self.stats.wire_bytes[op] += ring_wire_bytes(op, payload, self.world_size)
 
+    def _timed(self, op: str, collective: Callable[[], object]) -> None:
+        start = time.perf_counter()
+        collective()
+        self.stats.seconds[op] += time.perf_counter() - start
+
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over all ranks, in place; returns it."""
         if self.world_size > 1:
             self.record("all_reduce", tensor.numel() * tensor.element_size())
-            dist.all_reduce(tensor, group=self.group)
+            self._timed("all_reduce", lambda: dist.all_reduce(tensor, group=self.group))
         return tensor
 
     def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -101,12 +111,12 @@ class Comm:
         tensor = tensor.contiguous()
         self.record("all_gather", tensor.numel() * tensor.element_size())
         pieces = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(pieces, tensor, group=self.group)
+        self._timed("all_gather", lambda: dist.all_gather(pieces, tensor, group=self.group))
         return torch.cat(pieces, dim=dim)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Rank ``src``'s ``tensor`` on every rank, in place; returns it."""
         if self.world_size > 1:
             self.record("broadcast", tensor.numel() * tensor.element_size())
-            dist.broadcast(tensor, src=src, group=self.group)
+            self._timed("broadcast", lambda: dist.broadcast(tensor, src=src, group=self.group))
         return tensor

@@ -4,7 +4,7 @@ Taught in notebook 12 (tensor parallelism).  Each function runs *inside* one
 rank (started by :func:`llmlab.parallel.run_parallel`): it builds the same model
 from the same seed as a single process would, splits it with
 :func:`llmlab.parallel.shard_model`, runs it, and returns plain tensors and
-numbers (they travel back to the caller through a queue).
+numbers (they travel back to the caller through a file).
 """
 
 from __future__ import annotations
@@ -17,13 +17,25 @@ from llmlab.parallel.comm import Comm
 from llmlab.parallel.shard import shard_model
 
 
-def build_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Transformer:
-    """``Transformer(get_config(preset, **overrides))`` with weights from ``seed``, in eval mode: every rank
-    (and the single-process reference) builds the identical model.
+CHECKPOINT = "checkpoint"
+"""Pass as ``preset`` to load the course's built-in trained model (notebook 07) instead of random weights."""
 
-    Biases and norm gains get random values too: the usual init (0 and 1) would hide
-    a bias added on every rank instead of once after the all-reduce.
+
+def build_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Transformer:
+    """The model every rank (and the single-process reference) builds identically, in eval mode.
+
+    ``preset`` names a configuration (``get_config``): random weights from ``seed``, and
+    biases and norm gains random too — the usual init (0 and 1) would hide a bias added
+    on every rank instead of once after the all-reduce.  ``preset="checkpoint"``
+    (:data:`CHECKPOINT`) loads the built-in trained model from its ordinary, unsharded
+    checkpoint instead, the way a real deployment shards at load time.
     """
+    if preset == CHECKPOINT:
+        if overrides:
+            raise ValueError(f"the built-in checkpoint has a fixed configuration; drop {sorted(overrides)}.")
+        from llmlab.checkpoint import load_checkpoint
+
+        return load_checkpoint().model.to(dtype).eval()
     torch.manual_seed(seed)
     model = Transformer(get_config(preset, **overrides)).to(dtype).eval()
     with torch.no_grad():
@@ -42,10 +54,28 @@ def sharded_logits(preset: str, ids: torch.Tensor, seed: int = 0, dtype: torch.d
     shard_model(model, comm)
     with torch.no_grad():
         logits = model(ids).logits
-    stats = comm.reset()
     return {"logits": logits, "parameters": sum(p.numel() for p in model.parameters()),
-            "full_parameters": full_parameters, "calls": dict(stats.calls),
-            "payload_bytes": dict(stats.payload_bytes), "wire_bytes": dict(stats.wire_bytes)}
+            "full_parameters": full_parameters, **_counted(comm)}
+
+
+def collectives_by_length(preset: str, lengths: list[int], seed: int = 0, **overrides) -> list[dict]:
+    """What one forward pass of ``n`` tokens sends, for each ``n`` in ``lengths`` (notebook 12's bytes per token)."""
+    comm = Comm()
+    model = shard_model(build_model(preset, seed, **overrides), comm)
+    generator = torch.Generator().manual_seed(seed)
+    counted = []
+    with torch.no_grad():
+        for n in lengths:
+            model(torch.randint(0, model.config.vocab_size, (1, n), generator=generator))
+            counted.append({"tokens": n, **_counted(comm)})
+    return counted
+
+
+def _counted(comm: Comm) -> dict:
+    """What ``comm`` counted since its last reset, as plain dicts (and start counting afresh)."""
+    stats = comm.reset()
+    return {"calls": dict(stats.calls), "payload_bytes": dict(stats.payload_bytes),
+            "wire_bytes": dict(stats.wire_bytes), "seconds": dict(stats.seconds)}
 
 
 def sharded_generate(preset: str, prompts: list[list[int]], max_new_tokens: int, seed: int = 0,
@@ -83,6 +113,38 @@ def all_reduce_seconds(sizes: list[int], repeats: int = 5) -> list[float]:
     return medians
 
 
+def decode_seconds(preset: str, steps: int = 16, prompt_len: int = 16, seed: int = 0, **overrides) -> dict:
+    """Time greedy decode steps of the split model on this rank: each step's seconds, and the part of it
+    spent inside collectives (notebook 12's compute vs communication).
+
+    A KV cache holds the prompt; every step feeds one token.  The ranks start each
+    step together (a barrier, not timed), so a step's time is this rank's compute plus
+    its waits on the all-reduces (which include waiting for the slowest rank).
+    """
+    import time
+
+    import torch.distributed as dist
+
+    from llmlab.cache import KVCache
+
+    comm = Comm()
+    model = shard_model(build_model(preset, seed, **overrides), comm)
+    cache = KVCache.for_model(model.config, batch_size=1, max_len=prompt_len + steps + 1)
+    token = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
+    step_seconds, comm_seconds = [], []
+    with torch.no_grad():
+        token = model(token, cache=cache).logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            dist.barrier()
+            comm.reset()
+            start = time.perf_counter()
+            token = model(token, cache=cache).logits[:, -1:].argmax(-1)
+            step_seconds.append(time.perf_counter() - start)
+            comm_seconds.append(comm.stats.total("seconds"))
+    return {"step_seconds": step_seconds, "comm_seconds": comm_seconds,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
 def sharded_engine(preset: str, prompts: list[list[int]], max_new_tokens: int, seed: int = 0,
                    dtype: torch.dtype = torch.float32, engine_options: dict | None = None, **overrides) -> dict:
     """The serving engine over the split model: rank 0 schedules, samples and returns the tokens and what
@@ -104,9 +166,7 @@ def sharded_engine(preset: str, prompts: list[list[int]], max_new_tokens: int, s
                 tokens[out.request_id] = out.token_ids
     finally:
         engine.close()
-    stats = comm.reset()
-    return {"tokens": [tokens[rid] for rid in ids], "passes": engine.runner.forward_passes,
-            "calls": dict(stats.calls), "payload_bytes": dict(stats.payload_bytes)}
+    return {"tokens": [tokens[rid] for rid in ids], "passes": engine.runner.forward_passes, **_counted(comm)}
 
 
 def ddp_gradient_bytes(preset: str, steps: int = 3, batch_size: int = 2, seq_len: int = 16, seed: int = 0,
