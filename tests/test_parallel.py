@@ -17,7 +17,7 @@ import torch
 
 from llmlab.config import get_config
 from llmlab.parallel import (Comm, ParallelConfigError, ParallelSetupError, check_tp, free_port, init_distributed,
-                             local_heads, ring_wire_bytes, run_parallel, shard_model, vocab_shard)
+                             local_heads, RankGroup, ring_wire_bytes, run_parallel, shard_model, vocab_shard)
 from llmlab.parallel.runs import build_model, sharded_engine, sharded_generate, sharded_logits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,15 +80,30 @@ def test_a_rendezvous_nobody_joins_times_out_naming_address_and_port():
 # -- real ranks ------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def groups():
+    """``groups(tp)``: a RankGroup of ``tp`` ranks shared by this module's tests (each start costs seconds)."""
+    started = {}
+
+    def group(tp: int) -> RankGroup:
+        if tp not in started:
+            started[tp] = RankGroup(tp)
+        return started[tp]
+
+    yield group
+    for group in started.values():
+        group.close()
+
+
 @pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize(("preset", "overrides"), [("course-tiny", {}), ("course-tiny-llama", {}),
                                                    ("course-tiny-llama", {"n_kv_heads": 1}), ("checkpoint", {})],
                          ids=["MHA", "GQA+RoPE", "MQA-replicated", "trained-checkpoint"])
-def test_split_model_gives_the_single_process_logits(preset, overrides, tp):
+def test_split_model_gives_the_single_process_logits(preset, overrides, tp, groups):
     reference = build_model(preset, **overrides)
     with torch.no_grad():
         want = reference(IDS).logits
-    ranks = run_parallel(sharded_logits, tp, preset, IDS, **overrides)
+    ranks = groups(tp).run(sharded_logits, preset, IDS, **overrides)
     config = reference.config
     tokens = IDS.numel()
     for result in ranks:
@@ -109,37 +124,37 @@ def test_split_model_gives_the_single_process_logits(preset, overrides, tp):
         assert held[0] > ranks[0]["full_parameters"] / tp  # replicated KV heads are held on several ranks
 
 
-def test_bytes_sent_grow_with_the_tokens_exactly_as_the_formula_says():
+def test_bytes_sent_grow_with_the_tokens_exactly_as_the_formula_says(groups):
     from llmlab.parallel.runs import collectives_by_length
 
     config = get_config("course-tiny-llama")
     lengths = [1, 5, 12]
-    for rank in run_parallel(collectives_by_length, 2, "course-tiny-llama", lengths):
+    for rank in groups(2).run(collectives_by_length, "course-tiny-llama", lengths):
         assert [counted["tokens"] for counted in rank] == lengths
         for n, counted in zip(lengths, rank):
             assert counted["calls"] == {"all_reduce": 2 * config.n_layers + 1, "all_gather": 1}
             assert counted["payload_bytes"]["all_reduce"] == (2 * config.n_layers + 1) * n * config.d_model * 4
 
 
-def test_decode_steps_are_timed_with_their_collectives():
+def test_decode_steps_are_timed_with_their_collectives(groups):
     from llmlab.parallel.runs import decode_seconds
 
     single, = run_parallel(decode_seconds, 1, "course-tiny", 3)
     assert len(single["step_seconds"]) == 3 and single["comm_seconds"] == [0.0] * 3
-    for rank in run_parallel(decode_seconds, 2, "course-tiny", 3):
+    for rank in groups(2).run(decode_seconds, "course-tiny", 3):
         assert len(rank["step_seconds"]) == 3
         assert all(0 < comm < step for comm, step in zip(rank["comm_seconds"], rank["step_seconds"]))
         assert rank["parameters"] < single["parameters"]
 
 
 @pytest.mark.parametrize(("preset", "tp"), [("course-tiny", 2), ("course-tiny-llama", 2), ("course-tiny-llama", 4)])
-def test_split_model_generates_the_same_tokens(preset, tp):
+def test_split_model_generates_the_same_tokens(preset, tp, groups):
     prompts = [[5, 17, 300, 2], [900, 4, 4, 81, 13, 7, 1]]
     from llmlab.generate import generate_many
     from llmlab.sampling import SamplingParams
 
     want = generate_many(build_model(preset), prompts, SamplingParams(temperature=0, max_new_tokens=10))
-    for got in run_parallel(sharded_generate, tp, preset, prompts, 10):
+    for got in groups(tp).run(sharded_generate, preset, prompts, 10):
         assert got == want
 
 
@@ -155,10 +170,39 @@ def fail_on_rank_one() -> int:
 def test_a_rank_that_dies_stops_the_others_with_an_error():
     with pytest.raises(ParallelSetupError, match="a rank failed, so every rank was stopped") as caught:
         run_parallel(fail_on_rank_one, 2, timeout_s=30)
-    # Rank 0 may fail too ("connection closed by peer") and be the one spawn notices first; the
-    # message still leads with the rank that caused it.
+    # Rank 0 may fail too ("connection closed by peer"); the message leads with the rank that caused it.
     first = str(caught.value).split("-- rank ")[1]
     assert first.startswith("1 raised") and "rank 1 broke on purpose" in first
+
+
+def rank_pid() -> int:
+    return os.getpid()
+
+
+def exit_on_rank_one() -> int:
+    """Rank 1 vanishes without raising (a crash, an OOM kill): rank 0 waits in the all-reduce."""
+    comm = Comm()
+    if comm.rank == 1:
+        os._exit(3)
+    comm.all_reduce(torch.ones(4))
+    return comm.rank
+
+
+def test_a_rank_group_runs_many_calls_on_the_same_processes_and_leaves_none_behind():
+    group = RankGroup(2)
+    first = group.run(rank_pid)
+    assert group.run(rank_pid) == first and len(set(first)) == 2 and os.getpid() not in first
+    processes = list(group._processes)
+    group.close()
+    assert not any(process.is_alive() for process in processes)
+    with pytest.raises(ParallelSetupError, match="this RankGroup is closed"):
+        group.run(rank_pid)
+
+
+def test_a_rank_that_vanishes_stops_the_others_with_its_exit_code():
+    with pytest.raises(ParallelSetupError, match="a rank failed, so every rank was stopped") as caught:
+        run_parallel(exit_on_rank_one, 2, timeout_s=30)
+    assert str(caught.value).split("-- ")[1].startswith("rank 1 exited with code 3 before finishing")
 
 
 def test_two_runs_at_once_on_their_own_ports():
@@ -204,24 +248,24 @@ def _engine_tokens(preset, prompts, n, options, **overrides):
 
 
 @pytest.mark.parametrize(("preset", "tp"), [("course-tiny", 2), ("course-tiny-llama", 4)])
-def test_engine_on_split_ranks_equals_the_single_process_engine(preset, tp):
+def test_engine_on_split_ranks_equals_the_single_process_engine(preset, tp, groups):
     """Rank 0 schedules (chunked prefill, block size 4) and broadcasts each batch; every rank runs it."""
     prompts = [[5, 17, 300, 2], [900, 4, 4, 81, 13, 7, 1] * 5, [3] * 20]
     options = {"block_size": 4, "max_num_batched_tokens": 16}
     want, steps = _engine_tokens(preset, prompts, 8, options)
-    ranks = run_parallel(sharded_engine, tp, preset, prompts, 8, engine_options=options)
+    ranks = groups(tp).run(sharded_engine, preset, prompts, 8, engine_options=options)
     assert ranks[0]["tokens"] == want
     assert [r["passes"] for r in ranks] == [steps] * tp  # every rank ran every pass
     assert ranks[0]["calls"]["broadcast"] == 1 + 2 * steps + 1  # the pool's shape, (length, batch) per step, stop
     assert 0 < ranks[0]["payload_bytes"]["broadcast"] < ranks[0]["payload_bytes"]["all_reduce"] / 20
 
 
-def test_data_parallel_all_reduces_every_gradient_once_per_step():
+def test_data_parallel_all_reduces_every_gradient_once_per_step(groups):
     """Two ranks, different data, DistributedDataParallel: each step moves exactly the gradients' bytes,
     and the ranks end with the same weights."""
     from llmlab.parallel.runs import ddp_gradient_bytes
 
-    ranks = run_parallel(ddp_gradient_bytes, 2, "course-tiny", 3)
+    ranks = groups(2).run(ddp_gradient_bytes, "course-tiny", 3)
     config_bytes = build_model("course-tiny").num_parameters() * 4
     for result in ranks:
         assert result["gradient_bytes"] == config_bytes
@@ -290,12 +334,12 @@ def test_two_nodes_meet_over_c10d_on_localhost():
     assert printed == [_cli(*GENERATE).stdout]  # exactly one node holds rank 0
 
 
-def test_all_reduce_timings_on_real_ranks_fit_the_alpha_beta_model():
+def test_all_reduce_timings_on_real_ranks_fit_the_alpha_beta_model(groups):
     from llmlab.network import fit_latency_bandwidth
     from llmlab.parallel.runs import all_reduce_seconds
 
     sizes = [64, 4096, 262144, 4 * 2**20]
-    timings = run_parallel(all_reduce_seconds, 2, sizes, 3)
+    timings = groups(2).run(all_reduce_seconds, sizes, 3)
     assert len(timings) == 2 and all(len(t) == len(sizes) and min(t) > 0 for t in timings)
     assert timings[0][-1] > timings[0][0]  # 4 MiB takes longer than 64 B on any machine
     alpha, beta = fit_latency_bandwidth(sizes, timings[0])
