@@ -103,8 +103,14 @@ class PagedKVCache:
         return torch.where(real, slots, torch.full_like(slots, self.null_block * self.block_size))
 
     def step(self, write_slots: torch.Tensor, spans: list[Span]) -> PagedStep:
-        """The cache object for one packed forward pass: write at ``write_slots``, attend per span."""
-        return PagedStep(self, write_slots, spans)
+        """The cache object for one packed forward pass: write at ``write_slots``, attend per span.
+
+        On the Triton kernels when :mod:`llmlab.kernels` would run them on this pool (a GPU, or
+        ``use_backend("interpret")``; notebook 13), otherwise the plain-torch :class:`PagedStep`.
+        """
+        from llmlab.engine.kernel_step import KernelPagedStep, uses_kernels  # (it imports the kernels, which import us)
+
+        return KernelPagedStep(self, write_slots, spans) if uses_kernels(self) else PagedStep(self, write_slots, spans)
 
     def scratch(self, n_slots: int) -> torch.Tensor:
         """The reusable gather buffer as ``[n_slots, 2, kv_heads, head_dim]``; it grows when needed."""
