@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -113,14 +112,14 @@ def seed_everything(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@lru_cache(maxsize=1)
 def triton_available() -> bool:
-    """True when Triton imports and can run: on CUDA, or on CPU under ``TRITON_INTERPRET=1``."""
-    try:
-        import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install on an odd platform
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    """True when Triton imports and can run: on CUDA, or on CPU in its interpreter (``TRITON_INTERPRET=1``).
+
+    Asks :mod:`llmlab.kernels.dispatch`, the one place that knows (notebook 13).
+    """
+    from llmlab.kernels.dispatch import interpret_requested, triton_importable
+
+    return triton_importable() and (torch.cuda.is_available() or interpret_requested())
 
 
 def environment_report() -> dict[str, str]:
