@@ -178,6 +178,7 @@ class TritonKernel:
         self.fn = fn
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn  # inspect.getsource and show() reach the kernel's own source
         self._jitted: dict[str, Any] = {}
 
     def jit(self, mode: str) -> Any:
