@@ -54,8 +54,9 @@ def attention_params(config: ModelConfig) -> int:
     With GQA the K and V projections are narrower: ``d_model x (n_kv_heads * head_dim)``.
     """
     d, bias = config.d_model, config.bias
-    q = linear_params(d, config.attention_dim, bias)
-    kv = 2 * linear_params(d, config.kv_dim, bias)
+    qkv_bias = bias or config.qkv_bias  # Qwen2: biases on Q, K and V only
+    q = linear_params(d, config.attention_dim, qkv_bias)
+    kv = 2 * linear_params(d, config.kv_dim, qkv_bias)
     o = linear_params(config.attention_dim, d, bias)
     return q + kv + o + qk_norm_params(config)
 

@@ -24,6 +24,11 @@ from llmlab.errors import LlmlabError, require_finite, require_int
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "relu", "swiglu")
 POSITIONALS = ("learned", "sinusoidal", "rope", "none")
+ROPE_SCALINGS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+"""The RoPE context extensions llmlab computes (``rope_scaling["rope_type"]``) and the numbers each one takes."""
 
 # Fields whose ``None`` default is worked out from the others in ``__post_init__``.
 _DERIVED = ("n_kv_heads", "head_dim", "d_ff")
@@ -48,6 +53,13 @@ class ModelConfig:
     positions, biases, tied embeddings); the Llama/Qwen family switches to
     RMSNorm, SwiGLU, RoPE, no biases.
 
+    Two fields exist for real checkpoints (notebook 14): ``qkv_bias`` gives the
+    query, key and value projections a bias even when ``bias`` is False (Qwen2),
+    and ``rope_scaling`` stretches RoPE to a longer context, in Hugging Face's
+    format: ``{"rope_type": "linear", "factor": 4.0}`` or Llama 3.1's
+    ``{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}``.
+
     Three fields may be left as ``None`` and are filled in on creation:
     ``n_kv_heads`` becomes ``n_heads`` (plain multi-head attention),
     ``head_dim`` becomes ``d_model // n_heads``, and ``d_ff`` becomes
@@ -67,7 +79,9 @@ class ModelConfig:
     mlp: str = "gelu"
     positional: str = "learned"
     rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
     bias: bool = True
+    qkv_bias: bool = False
     tie_embeddings: bool = True
     qk_norm: bool = False
     norm_eps: float = 1e-5
@@ -227,14 +241,48 @@ def _check_basic_fields(cfg: ModelConfig) -> None:
     _check_choice("norm", cfg.norm, NORMS)
     _check_choice("mlp", cfg.mlp, MLPS)
     _check_choice("positional", cfg.positional, POSITIONALS)
-    for name in ("bias", "tie_embeddings", "qk_norm"):
+    for name in ("bias", "qkv_bias", "tie_embeddings", "qk_norm"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(f"{name} must be True or False, got {getattr(cfg, name)!r}.")
     _check_number("rope_theta", cfg.rope_theta, "a positive number greater than 1 (RoPE's base: 10,000 in "
                   "the original paper, 500,000 in Llama 3)", 1.0)
+    object.__setattr__(cfg, "rope_scaling", _checked_rope_scaling(cfg.rope_scaling, cfg.positional))
     _check_number("norm_eps", cfg.norm_eps, "a small positive number such as 1e-5", 0.0, 1.0)
     _check_number("dropout", cfg.dropout, "in [0, 1)", 0.0, 1.0, low_open=False,
                   hint="use 0.0 to turn it off")
+
+
+def _checked_rope_scaling(scaling: Any, positional: str) -> dict[str, Any] | None:
+    """``rope_scaling`` as a plain dict of floats (ints for positions), or ConfigError saying what is wrong."""
+    if scaling is None:
+        return None
+    example = ("e.g. {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0, "
+               "'original_max_position_embeddings': 8192}")
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"rope_scaling must be None or a dict ({example}), got {scaling!r}.")
+    if positional != "rope":
+        raise ConfigError(f"rope_scaling stretches RoPE, but positional={positional!r}: use positional='rope' "
+                          "or drop rope_scaling.")
+    kind = scaling.get("rope_type")
+    if not isinstance(kind, str) or kind not in ROPE_SCALINGS:
+        raise ConfigError(f"rope_scaling's rope_type {kind!r} is not known: use one of "
+                          f"{', '.join(ROPE_SCALINGS)} ({example}).")
+    wanted = {"rope_type", *ROPE_SCALINGS[kind]}
+    if set(scaling) != wanted:
+        raise ConfigError(f"rope_scaling of type {kind!r} takes exactly the keys {', '.join(sorted(wanted))}; "
+                          f"got {', '.join(sorted(map(str, scaling)))}.")
+    checked: dict[str, Any] = {"rope_type": kind}
+    for key in ROPE_SCALINGS[kind]:
+        if key == "original_max_position_embeddings":
+            _check_positive_int(f"rope_scaling['{key}']", scaling[key])
+            checked[key] = scaling[key]
+        else:
+            _check_number(f"rope_scaling['{key}']", scaling[key], "a positive number", 0.0)
+            checked[key] = float(scaling[key])
+    if kind == "llama3" and checked["high_freq_factor"] <= checked["low_freq_factor"]:
+        raise ConfigError(f"rope_scaling's high_freq_factor ({checked['high_freq_factor']}) must be larger than its "
+                          f"low_freq_factor ({checked['low_freq_factor']}): Llama 3.1 uses 4.0 and 1.0.")
+    return checked
 
 
 def _check_derived_fields(cfg: ModelConfig) -> None:

@@ -80,7 +80,7 @@ class Transformer(nn.Module):
         # RoPE tables are the same for every layer: build them once and share them.
         rope = None
         if config.positional == "rope":
-            rope = RotaryEmbedding(config.head_dim, config.context_length, config.rope_theta)
+            rope = RotaryEmbedding.from_config(config)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(DecoderBlock(config, rope=rope) for _ in range(config.n_layers))
         for index, block in enumerate(self.blocks):

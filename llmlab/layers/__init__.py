@@ -25,6 +25,7 @@ from llmlab.layers.positional import (
     apply_rope,
     check_positions,
     rope_frequencies,
+    rope_inverse_frequencies,
     rotate_half,
     sinusoidal_table,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "make_norm",
     "repeat_kv",
     "rope_frequencies",
+    "rope_inverse_frequencies",
     "rotate_half",
     "scaled_dot_product_attention_reference",
     "sinusoidal_table",

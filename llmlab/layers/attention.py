@@ -107,9 +107,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.dropout = config.dropout
-        self.q_proj = nn.Linear(config.d_model, config.attention_dim, bias=config.bias)
-        self.k_proj = nn.Linear(config.d_model, config.kv_dim, bias=config.bias)
-        self.v_proj = nn.Linear(config.d_model, config.kv_dim, bias=config.bias)
+        qkv_bias = config.bias or config.qkv_bias  # Qwen2: biases on q, k, v only
+        self.q_proj = nn.Linear(config.d_model, config.attention_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.d_model, config.kv_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.d_model, config.kv_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(config.attention_dim, config.d_model, bias=config.bias)
         if config.qk_norm:  # Qwen3: RMSNorm over each head's query and key, before RoPE
             self.q_norm = RMSNorm(config.head_dim, eps=config.norm_eps)
@@ -117,7 +118,7 @@ class CausalSelfAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         if config.positional == "rope" and rope is None:
-            rope = RotaryEmbedding(config.head_dim, config.context_length, config.rope_theta)
+            rope = RotaryEmbedding.from_config(config)
         self.rope = rope if config.positional == "rope" else None
         self.layer_idx = 0  # which layer of a KV cache this module reads and writes (set by Transformer)
         # A decoder is always causal.  Notebook 05 sets this to False on purpose, to show

@@ -6,15 +6,24 @@ back.  Sinusoidal and learned positions are *added* to the token embeddings;
 RoPE instead *rotates* queries and keys inside attention (notebook 04 uses it).
 
 Every module here takes the positions explicitly (a LongTensor), so that a
-KV-cache decoder can ask for one new position at a time.
+KV-cache decoder can ask for one new position at a time.  Notebook 14 (real
+pretrained checkpoints) adds RoPE scaling, which stretches a trained model to a
+longer context (``"linear"``, and Llama 3.1's ``"llama3"``).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from llmlab.errors import LlmlabError
+
+if TYPE_CHECKING:  # pragma: no cover - only for the annotation
+    from llmlab.config import ModelConfig
 
 
 class PositionError(LlmlabError, ValueError):
@@ -90,20 +99,51 @@ class LearnedPositions(nn.Embedding):
 # --- rotary (RoPE) ------------------------------------------------------------------------
 
 
+def rope_inverse_frequencies(head_dim: int, theta: float = 10000.0,
+                             scaling: Mapping[str, Any] | None = None) -> torch.Tensor:
+    """How fast each of RoPE's ``head_dim / 2`` pairs turns: radians per position, ``[head_dim / 2]`` (notebook 03).
+
+    Pair ``i`` turns at ``theta^(-2i / head_dim)``.  ``scaling`` (``ModelConfig.rope_scaling``,
+    notebook 14) stretches the slow pairs so that a model trained on a short context reads a
+    longer one: ``"linear"`` divides every frequency by ``factor``; ``"llama3"`` (Llama 3.1 and
+    later) divides only the pairs whose wavelength is longer than the original context over
+    ``low_freq_factor``, keeps those shorter than it over ``high_freq_factor``, and blends the
+    ones between, as Meta's reference code does.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    if scaling is None:
+        return inv_freq
+    kind, factor = scaling.get("rope_type"), scaling["factor"]
+    if kind == "linear":
+        return inv_freq / factor
+    if kind != "llama3":
+        raise ValueError(f"unknown rope_scaling type {kind!r}: llmlab computes 'linear' and 'llama3'.")
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    long_waves = wavelength > original / low  # slow pairs: stretched by the whole factor
+    scaled = torch.where(long_waves, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low) / (high - low)  # 0 at the long end of the band, 1 at the short end
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    in_between = ~(wavelength < original / high) & ~long_waves
+    return torch.where(in_between, blended, scaled)
+
+
 def rope_frequencies(
-    head_dim: int, max_positions: int, theta: float = 10000.0
+    head_dim: int, max_positions: int, theta: float = 10000.0, scaling: Mapping[str, Any] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE's cos and sin tables, each ``[max_positions, head_dim]`` (notebook 03).
 
     Pair ``i`` (of ``head_dim / 2`` pairs) turns at frequency
-    ``theta^(-2i / head_dim)``; at position ``m`` its angle is ``m * freq_i``.
+    ``theta^(-2i / head_dim)`` (changed by ``scaling``: see :func:`rope_inverse_frequencies`);
+    at position ``m`` its angle is ``m * freq_i``.
     Layout is the Hugging Face / Llama "half-split" one: the angle of pair ``i``
     sits in columns ``i`` and ``i + head_dim / 2`` (``cat([angles, angles])``),
     because pair ``i`` is made of dimensions ``i`` and ``i + head_dim / 2``.
     """
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim (it rotates pairs), got {head_dim}.")
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_positions).float(), inv_freq)  # [max_positions, head_dim/2]
     angles = torch.cat([angles, angles], dim=-1)  # [max_positions, head_dim]
     return angles.cos(), angles.sin()
@@ -138,13 +178,19 @@ class RotaryEmbedding(nn.Module):
 
     One instance can be shared by every attention layer of a model (the tables
     do not depend on the layer).  The tables are buffers that are not saved in
-    checkpoints: they follow from ``head_dim``, ``max_positions`` and ``theta``.
+    checkpoints: they follow from ``head_dim``, ``max_positions``, ``theta`` and ``scaling``.
     """
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0) -> None:
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> RotaryEmbedding:
+        """The rotary embedding a ``ModelConfig`` with ``positional="rope"`` asks for (its tables on the default device)."""
+        return cls(config.head_dim, config.context_length, config.rope_theta, config.rope_scaling)
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0,
+                 scaling: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.max_positions = max_positions
-        cos, sin = rope_frequencies(head_dim, max_positions, theta)
+        cos, sin = rope_frequencies(head_dim, max_positions, theta, scaling)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
