@@ -1,12 +1,16 @@
-"""The ``llmlab`` command line: ``generate``, ``train``, ``info``.
+"""The ``llmlab`` command line: ``generate``, ``chat``, ``train``, ``info``.
 
     python -m llmlab generate "ROMEO:"                 # the built-in model, offline
     python -m llmlab train --preset course-tiny --minutes 10 --out runs/mine
     python -m llmlab info
+    python -m llmlab generate --model Qwen/Qwen2.5-0.5B "The capital of France is"   # a real checkpoint
+    python -m llmlab chat --model Qwen/Qwen2.5-0.5B-Instruct --system "Be brief."
+    python -m llmlab info --model meta-llama/Llama-3.2-1B
 
-Taught in notebook 08 (generation) and notebook 07 (training).  Bad input
+Taught in notebook 08 (generation), notebook 07 (training) and notebook 14 (real
+pretrained checkpoints: ``--model`` takes a Hugging Face folder or hub id).  Bad input
 prints one clear ``error:`` line and exits with status 2 (usage) or 1 (a
-problem with a file or the data).
+problem with a file or the data); Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -38,27 +42,28 @@ def build_parser() -> argparse.ArgumentParser:
                           "prompts run together through the serving engine (notebook 11)")
     gen.add_argument("--prompts-file", type=Path, default=None,
                      help="a UTF-8 text file with one prompt per line (blank lines skipped), run through the engine")
-    gen.add_argument("--max-new-tokens", type=int, default=200,
-                     help=f"tokens to generate, 1 to {MAX_NEW_TOKENS:,}: larger values are refused, so that a "
-                          "typo cannot run for hours (default 200)")
-    gen.add_argument("--temperature", type=float, default=0.8,
-                     help="a finite number ≥ 0; 0 = greedy, higher = more random (default 0.8)")
-    gen.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens (k ≥ 1)")
-    gen.add_argument("--top-p", type=float, default=None,
-                     help="keep the most likely tokens whose probabilities reach p, in (0, 1]")
-    gen.add_argument("--seed", type=int, default=None,
-                     help="seed for reproducible sampling, 0 to 2**64 - 1 (default: a fresh random one)")
+    _add_sampling_options(gen, max_new_tokens=200, temperature=0.8)
     gen.add_argument("--allow-special", action="store_true",
                      help="read special-token text in the prompt (<|endoftext|>) as the special token "
                           "(default: such a prompt is refused)")
-    gen.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: built-in model)")
+    source = gen.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: built-in model)")
+    source.add_argument("--model", default=None, metavar="PATH_OR_HUB_ID", help=MODEL_HELP)
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: CUDA when present)")
+    gen.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help=DTYPE_HELP)
     gen.add_argument("--tp", type=int, default=1,
                      help="tensor-parallel ranks (notebook 12); start one process per rank with torchrun: "
                           "torchrun --nproc-per-node 2 -m llmlab generate PROMPT --tp 2")
     gen.add_argument("--compile", action="store_true",
                      help="compile the decode step with torch.compile: seconds to start, then faster tokens "
                           "(needs a C++ compiler on a CPU; see notebook 09)")
+
+    chat = sub.add_parser("chat", help="talk with a chat model: each line you type is a message (Ctrl-D ends)")
+    chat.add_argument("--model", required=True, metavar="PATH_OR_HUB_ID", help=MODEL_HELP)
+    chat.add_argument("--system", default=None, help="a system message that starts the conversation")
+    _add_sampling_options(chat, max_new_tokens=512, temperature=0.7)
+    chat.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: CUDA when present)")
+    chat.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help=DTYPE_HELP)
 
     train = sub.add_parser("train", help="train a model on tiny Shakespeare and write a checkpoint")
     train.add_argument("--preset", default="course-tiny", help="model preset (see `llmlab info --presets`)")
@@ -77,48 +82,111 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default=None)
 
     info = sub.add_parser("info", help="device, versions, and the model's size")
-    info.add_argument("--checkpoint", type=Path, default=None)
+    described = info.add_mutually_exclusive_group()
+    described.add_argument("--checkpoint", type=Path, default=None)
+    described.add_argument("--model", default=None, metavar="PATH_OR_HUB_ID",
+                           help="a Hugging Face folder or hub id: its size from config.json (a hub id downloads "
+                                "only the config)")
     info.add_argument("--presets", action="store_true", help="list the model presets and their sizes")
     return parser
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    """Continue a prompt (notebook 08); everything is checked before the prompt is printed."""
-    from llmlab.checkpoint import load_checkpoint
-    from llmlab.generate import stream_text
-    from llmlab.runtime import device
-    from llmlab.generate import GenerateError
+MODEL_HELP = ("a Hugging Face checkpoint (GPT-2, Llama 2/3, Qwen2/2.5/3): a local folder with config.json, "
+              "*.safetensors and tokenizer.json, or a hub id such as Qwen/Qwen2.5-0.5B-Instruct (downloaded once "
+              "into the Hugging Face cache; offline, give the folder)")
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+DTYPE_HELP = "the weights' number format: fp32, bf16 or fp16 (default auto: as the checkpoint stores them)"
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                        help=f"tokens to generate, 1 to {MAX_NEW_TOKENS:,}: larger values are refused, so that a "
+                             f"typo cannot run for hours (default {max_new_tokens})")
+    parser.add_argument("--temperature", type=float, default=temperature,
+                        help=f"a finite number ≥ 0; 0 = greedy, higher = more random (default {temperature})")
+    parser.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens (k ≥ 1)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="keep the most likely tokens whose probabilities reach p, in (0, 1]")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed for reproducible sampling, 0 to 2**64 - 1 (default: a fresh random one)")
+
+
+def _sampling_params(args: argparse.Namespace):
+    """The sampling options as SamplingParams; a bad one is reported by the option's name."""
     from llmlab.sampling import SamplingError, SamplingParams
 
     try:
-        params = SamplingParams(
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-        )
+        return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              max_new_tokens=args.max_new_tokens, seed=args.seed)
     except SamplingError as err:
         raise SamplingError(_as_option(err), err.param) from None
+
+
+def _load_for_generation(args: argparse.Namespace):
+    """``(model, tokenizer, stop ids)`` of ``--model`` (a Hugging Face checkpoint) or ``--checkpoint``."""
+    from llmlab.runtime import device
+
+    where = device(args.device)
+    if args.model is not None:
+        from llmlab.hub import load_pretrained
+
+        pre = load_pretrained(args.model, where, dtype=args.dtype)
+        return pre.model, pre.tokenizer, pre.stop_ids
+    from llmlab.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint, device=where)
+    model = ckpt.model
+    if args.dtype is not None:
+        from llmlab.hub import check_dtype_runs, resolve_dtype
+
+        wanted = resolve_dtype(args.dtype)
+        if wanted is not None:
+            check_dtype_runs(wanted, where)
+            model = model.to(wanted)
+    return model, ckpt.tokenizer, (ckpt.tokenizer.eot_id,)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Continue a prompt (notebook 08); everything is checked before the prompt is printed."""
+    from llmlab.generate import GenerateError, stream_text
+    from llmlab.sampling import SamplingParams
+
+    params = _sampling_params(args)
     prompts = _prompts(args)
     for prompt in prompts:
         _check_prompt_text(prompt)
     if len(prompts) > 1 and args.compile:
         raise GenerateError("--compile compiles one prompt's decode step; several prompts run through the "
                             "engine, which does not compile: leave --compile out, or give one prompt.")
-    ckpt = load_checkpoint(args.checkpoint, device=device(args.device))
     if args.tp != 1:
-        params = _split_over_ranks(ckpt.model, args.tp, params)
-    tokenizer = _PromptTokenizer(ckpt.tokenizer, args.allow_special)
+        _check_world(args.tp)  # before loading: a large checkpoint takes a while to read
+    model, tokenizer, stop_ids = _load_for_generation(args)
+    if args.tp != 1:
+        params = _split_over_ranks(model, args.tp, params)
+    prompt_tokenizer = _PromptTokenizer(tokenizer, args.allow_special)
     for prompt in prompts:
-        tokenizer.check(prompt, ckpt.model.config.context_length)
-    params = SamplingParams(**{**params.__dict__, "stop_ids": (ckpt.tokenizer.eot_id,)})
+        prompt_tokenizer.check(prompt, model.config.context_length)
+    params = SamplingParams(**{**params.__dict__, "stop_ids": stop_ids})
     if len(prompts) > 1:
-        return _generate_with_engine(ckpt, tokenizer, prompts, params)
+        return _generate_with_engine(model, tokenizer, prompt_tokenizer, prompts, params)
     prompt = prompts[0]
     sys.stdout.write(prompt)
-    for piece in stream_text(ckpt.model, tokenizer, prompt, params, compiled=args.compile):
+    for piece in stream_text(model, prompt_tokenizer, prompt, params, compiled=args.compile):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _check_world(tp: int) -> None:
+    """``--tp N`` runs under ``torchrun`` with N ranks (ParallelConfigError saying how to start it otherwise)."""
+    from llmlab.parallel import ParallelConfigError
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tp < 1 or world != tp:
+        raise ParallelConfigError(
+            f"--tp {tp} needs {tp} ranks, but this process is one of {world}: start one process per rank, "
+            f"torchrun --nproc-per-node {max(tp, 1)} -m llmlab generate PROMPT --tp {max(tp, 1)}.")
 
 
 def _split_over_ranks(model, tp: int, params):
@@ -132,14 +200,10 @@ def _split_over_ranks(model, tp: int, params):
     import torch
     import torch.distributed as dist
 
-    from llmlab.parallel import Comm, ParallelConfigError, init_distributed, shard_model
+    from llmlab.parallel import Comm, init_distributed, shard_model
     from llmlab.sampling import MAX_SEED, SamplingParams
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if tp < 1 or world != tp:
-        raise ParallelConfigError(
-            f"--tp {tp} needs {tp} ranks, but this process is one of {world}: start one process per rank, "
-            f"torchrun --nproc-per-node {max(tp, 1)} -m llmlab generate PROMPT --tp {max(tp, 1)}.")
+    _check_world(tp)
     init_distributed()
     atexit.register(dist.destroy_process_group)
     comm = Comm()
@@ -173,7 +237,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _generate_with_engine(ckpt, tokenizer, prompts: list[str], params) -> int:
+def _generate_with_engine(model, tokenizer, prompt_tokenizer, prompts: list[str], params) -> int:
     """Run several prompts together through the serving engine (notebook 11); print each, in order.
 
     Request i samples with ``--seed`` + i, so the first prompt gets what it gets alone.
@@ -186,16 +250,16 @@ def _generate_with_engine(ckpt, tokenizer, prompts: list[str], params) -> int:
     per_prompt = [params if params.seed is None else
                   SamplingParams(**{**params.__dict__, "seed": (params.seed + i) % (MAX_SEED + 1)})
                   for i in range(len(prompts))]
-    comm = getattr(ckpt.model, "tp_comm", None)
+    comm = getattr(model, "tp_comm", None)
     if comm is not None and comm.rank != 0:  # split over ranks (--tp): rank 0 schedules, this rank follows
         from llmlab.parallel.engine import follow
 
-        follow(ckpt.model, comm)
+        follow(model, comm)
         return 0
-    llm = LLM(model=ckpt.model, tokenizer=ckpt.tokenizer)
+    llm = LLM(model=model, tokenizer=tokenizer)
     start = time.perf_counter()
     try:
-        results = llm.generate([tokenizer.encode(p) for p in prompts], per_prompt, progress=False)
+        results = llm.generate([prompt_tokenizer.encode(p) for p in prompts], per_prompt, progress=False)
     finally:
         llm.engine.close()
     seconds = time.perf_counter() - start
@@ -254,13 +318,103 @@ class _PromptTokenizer:
         if special and not self.allow_special:
             raise PromptError(
                 f"the prompt contains the special token {special[0]}: add --allow-special to read it as the "
-                "special token (end of text), or remove it from the prompt."
+                "special token, or remove it from the prompt."
             )
         try:
             ids = self.encode(prompt)
         except TokenizerError as err:
             raise PromptError(f"the prompt cannot be tokenized: {err}") from None
         check_prompt(ids, context_length)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Talk with a chat model (notebook 14): each line of stdin is a user message; Ctrl-D (end of input) ends.
+
+    Each turn renders the whole conversation with the checkpoint's own chat template and
+    streams the reply; the oldest exchanges are dropped when the conversation outgrows the
+    context.  A line that cannot be sent (special-token text, not UTF-8) is reported and skipped.
+    """
+    from llmlab.errors import LlmlabError
+    from llmlab.generate import stream_text
+    from llmlab.hub import load_pretrained
+    from llmlab.runtime import device
+    from llmlab.sampling import SamplingParams
+
+    params = _sampling_params(args)
+    if args.system is not None:
+        _check_prompt_text(args.system)
+    pre = load_pretrained(args.model, device(args.device), dtype=args.dtype)
+    pre.check_chat_template()
+    params = SamplingParams(**{**params.__dict__, "stop_ids": pre.stop_ids})
+    system = [] if args.system is None else [{"role": "system", "content": args.system}]
+    turns: list[dict[str, str]] = []
+    interactive = sys.stdin.isatty()
+    tokenizer = _ChatTokenizer(pre.tokenizer)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input (Ctrl-D)
+            return 0
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            continue
+        try:
+            _check_chat_line(text, pre.tokenizer)
+            turns.append({"role": "user", "content": text})
+            prompt = _fit_conversation(pre, system, turns, params.max_new_tokens)
+        except LlmlabError as err:
+            if turns and turns[-1]["content"] == text:
+                turns.pop()
+            _error("chat", err, EXIT_USAGE)
+            continue
+        reply = []
+        for piece in stream_text(pre.model, tokenizer, prompt, params):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        turns.append({"role": "assistant", "content": "".join(reply)})
+
+
+class _ChatTokenizer:
+    """Encodes a rendered chat template: its special tokens are read as such, nothing is added around it."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode_bytes(self, ids) -> bytes:
+        return self.tokenizer.decode_bytes(ids)
+
+
+def _check_chat_line(text: str, tokenizer) -> None:
+    """A user message is UTF-8 text without special-token text (which would forge the template's structure)."""
+    from llmlab.generate import PromptError
+
+    _check_prompt_text(text)
+    special = [t for t in getattr(tokenizer, "special_tokens", {}) if t in text]
+    if special:
+        raise PromptError(f"the message contains the special token {special[0]}, which would be read as the chat "
+                          "template's own marker: remove it (this line was not sent).")
+
+
+def _fit_conversation(pre, system: list[dict], turns: list[dict], max_new_tokens: int) -> str:
+    """The rendered conversation, without its oldest exchanges when it and the reply outgrow the context."""
+    from llmlab.generate import check_prompt
+
+    context = pre.model.config.context_length
+    while True:
+        text = pre.chat_template.render(system + turns, add_generation_prompt=True)
+        ids = pre.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) + max_new_tokens <= context or len(turns) <= 1:
+            check_prompt(ids, context)
+            return text
+        del turns[:2]  # the oldest user message and its reply
+        print("llmlab chat: the conversation outgrew the context; the oldest exchange was dropped", file=sys.stderr)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -308,24 +462,32 @@ def _still_there(out: Path) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from llmlab import calc
-    from llmlab.checkpoint import builtin_checkpoint, verify_checkpoint
     from llmlab.config import PRESETS
     from llmlab.runtime import environment_report
 
-    path = args.checkpoint or builtin_checkpoint()
-    config, meta = verify_checkpoint(path)  # the weights' header too: a damaged file is reported, not described
+    if args.model is not None:
+        described = _describe_hf_model(args.model)  # before the report: a bad folder prints only the error
+    else:
+        from llmlab.checkpoint import builtin_checkpoint, verify_checkpoint
+
+        path = args.checkpoint or builtin_checkpoint()
+        config, meta = verify_checkpoint(path)  # the weights' header too: a damaged file is reported, not described
     for key, value in environment_report().items():
         print(f"{key:>12}: {value}")
-    counts = calc.param_counts(config)
-    print(f"\nmodel: {config.name} from {path if args.checkpoint else 'the built-in checkpoint'}")
-    print(f"  {calc.human_count(counts['total'])} parameters ({counts['total']:,}); "
-          f"{config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads, context {config.context_length}")
-    print(f"  weights: {calc.human_bytes(calc.weight_bytes(config, 'fp32'))} in fp32, "
-          f"{calc.human_bytes(calc.weight_bytes(config, 'bf16'))} in bf16")
-    per_char, per_token = _number(meta.get("val_loss_per_char")), _number(meta.get("val_loss"))
-    if per_char is not None:
-        per_token = float("nan") if per_token is None else per_token
-        print(f"  validation loss: {per_char:.3f} nats/char ({per_token:.3f} nats/token)")
+    if args.model is not None:
+        print("\n" + described)
+    else:
+        counts = calc.param_counts(config)
+        print(f"\nmodel: {config.name} from {path if args.checkpoint else 'the built-in checkpoint'}")
+        print(f"  {calc.human_count(counts['total'])} parameters ({counts['total']:,}); "
+              f"{config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads, context "
+              f"{config.context_length}")
+        print(f"  weights: {calc.human_bytes(calc.weight_bytes(config, 'fp32'))} in fp32, "
+              f"{calc.human_bytes(calc.weight_bytes(config, 'bf16'))} in bf16")
+        per_char, per_token = _number(meta.get("val_loss_per_char")), _number(meta.get("val_loss"))
+        if per_char is not None:
+            per_token = float("nan") if per_token is None else per_token
+            print(f"  validation loss: {per_char:.3f} nats/char ({per_token:.3f} nats/token)")
     if args.presets:
         print("\npresets:")
         for name, cfg in PRESETS.items():
@@ -333,12 +495,44 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_hf_model(name_or_path: str) -> str:
+    """Parameters, bytes per dtype and KV bytes per token of a Hugging Face checkpoint, from its real config."""
+    from llmlab import calc
+    from llmlab.hub import check_folder
+
+    config, folder, stored = check_folder(name_or_path)
+    counts = calc.param_counts(config)
+    heads = f"{config.n_heads} heads" + (f" ({config.n_kv_heads} KV heads)" if config.n_kv_heads != config.n_heads
+                                          else "")
+    rope = "" if config.rope_scaling is None else f", RoPE scaled ({config.rope_scaling['rope_type']})"
+    stored_text = "no weights downloaded yet" if stored is None else f"stored in {_dtype_name(stored)}"
+    per_token = {dtype: calc.kv_bytes_per_token(config, dtype) for dtype in ("bf16", "fp32")}
+    return "\n".join([
+        f"model: {config.name} from {folder}",
+        f"  {calc.human_count(counts['total'])} parameters ({counts['total']:,}); {config.n_layers} layers, "
+        f"d_model {config.d_model}, {heads} of {config.head_dim}, d_ff {config.d_ff}, context "
+        f"{config.context_length:,}{rope}",
+        f"  weights: {calc.human_bytes(calc.weight_bytes(config, 'fp32'))} in fp32, "
+        f"{calc.human_bytes(calc.weight_bytes(config, 'bf16'))} in bf16 or fp16 ({stored_text})",
+        f"  KV cache: {calc.human_bytes(per_token['bf16'])} per token in bf16 or fp16, "
+        f"{calc.human_bytes(per_token['fp32'])} in fp32 "
+        f"({calc.human_bytes(calc.kv_cache_bytes(config, 1, config.context_length, 'bf16'))} for one full "
+        f"context in bf16)",
+    ])
+
+
+def _dtype_name(dtype) -> str:
+    from llmlab.hub import DTYPES
+
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
 def _number(value: object) -> float | None:
     """``value`` when it is a real number (a checkpoint's metadata is written by hand sometimes)."""
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-COMMANDS = {"generate": cmd_generate, "train": cmd_train, "info": cmd_info}
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "train": cmd_train, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
-"""llmlab's GPT-2-style ``Transformer`` ⇄ Hugging Face ``transformers.GPT2LMHeadModel``.
+"""llmlab's ``Transformer`` ⇄ Hugging Face: the configs, weight names and layouts of GPT-2, Llama and Qwen.
 
-Taught in notebook 14 (real pretrained checkpoints); this module is its first piece.
-The two models compute the same function; only the names and layouts of their weights differ:
+Taught in notebook 14 (real pretrained checkpoints).  A Hugging Face checkpoint and an llmlab
+model compute the same function; only the names and layouts of their weights differ.
+GPT-2 (``GPT2LMHeadModel``):
 
     llmlab                                   Hugging Face GPT-2
     token_embedding.weight                   transformer.wte.weight
@@ -19,23 +20,35 @@ transposed on the way.  Its ``c_attn`` computes queries, keys and values in one
 matrix multiply; its output columns are ``[q | k | v]``, so llmlab's three
 projections are concatenated (or split) along the output dimension.
 
-The activation: llmlab's GELU is the tanh approximation (``nn.GELU(approximate="tanh")``),
+Llama (2, 3, 3.1, 3.2), Qwen2/Qwen2.5 and Qwen3 name their layers as llmlab does
+(llmlab borrowed the names), inside ``model.``: ``model.embed_tokens`` is the token
+embedding, ``model.layers.i.input_layernorm`` / ``post_attention_layernorm`` are
+``norm1`` / ``norm2``, ``self_attn`` is ``attn``, ``model.norm`` the final norm.  What
+differs between them is in the config: Qwen2 gives q, k and v a bias
+(``ModelConfig.qkv_bias``), Qwen3 normalizes each query and key head (``qk_norm``),
+Llama 3.1 stretches RoPE (``rope_scaling`` of type ``"llama3"``).
+
+The activation of GPT-2: llmlab's GELU is the tanh approximation (``nn.GELU(approximate="tanh")``),
 the function GPT-2 was trained with (Hugging Face calls it ``"gelu_new"``, written out
 in Python).  :func:`to_hf_gpt2` writes ``"gelu_pytorch_tanh"`` — the same formula,
 computed by the same PyTorch kernel as llmlab, so the logits agree to the last bits;
 :func:`from_hf_gpt2` accepts every spelling of the tanh approximation, and ReLU.
 The exact (erf) ``"gelu"`` is refused: llmlab's MLP does not compute it.
 
-``transformers`` is needed only here (it is a test dependency of llmlab, not a core
-one): it is imported when a function runs.
+Weights are read through a :class:`TensorSource` (a state dict here; safetensors files
+in :mod:`llmlab.hub`), checked against the config by their shapes before any is read,
+and put into a model built on the ``meta`` device one tensor at a time
+(:func:`build_model`): a model is never held twice in memory.  ``transformers`` is needed
+only to convert to or from its model objects (it is a test dependency of llmlab, not a
+core one): it is imported when such a function runs.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -55,12 +68,24 @@ TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python_tanh")
 HF_ACTIVATION = {"gelu": "gelu_pytorch_tanh", "relu": "relu"}
 """Activation written for llmlab's ``mlp``: ``gelu_pytorch_tanh`` is ``F.gelu(x, approximate="tanh")``, as llmlab."""
 
-_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-"""Buffers old GPT-2 checkpoints store (the causal mask), not weights."""
+FAMILIES = {"gpt2": "GPT-2", "llama": "Llama 2/3/3.1/3.2", "qwen2": "Qwen2/Qwen2.5", "qwen3": "Qwen3"}
+"""The ``model_type``s of ``config.json`` that llmlab loads, and the models they are."""
+
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+"""Buffers some checkpoints store (GPT-2's causal mask, old Llamas' RoPE frequencies), not weights."""
+
+_LLAMA_DEFAULTS = {  # what transformers assumes when config.json leaves a field out
+    "llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+    "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+    "qwen3": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "head_dim": 128},
+}
+_GPT2_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
+                  "n_inner": None, "activation_function": "gelu_new", "resid_pdrop": 0.1,
+                  "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True}
 
 
 class HFConversionError(LlmlabError, ValueError):
-    """A model, config or folder that the GPT-2 mapping cannot convert (the message says why and what to do)."""
+    """A Hugging Face model, config, folder or weight llmlab cannot convert (the message says why and what to do)."""
 
 
 # --- configs ------------------------------------------------------------------------------
@@ -145,7 +170,56 @@ def hf_gpt2_to_config(hf_config: transformers.PretrainedConfig, name: str | None
             f"expected a Hugging Face GPT-2 config (model_type 'gpt2'), got {type(hf_config).__name__} with "
             f"model_type {model_type!r}: only GPT-2 checkpoints map onto llmlab's GPT-2-style Transformer."
         )
-    activation = hf_config.activation_function
+    return config_from_hf({**hf_config.to_dict(), "model_type": "gpt2"},
+                          name or _name_of(getattr(hf_config, "_name_or_path", ""), "gpt2"))
+
+
+def config_from_hf(data: Mapping[str, Any], name: str | None = None) -> ModelConfig:
+    """The llmlab ``ModelConfig`` of a Hugging Face ``config.json`` (as a dict) (notebook 14).
+
+    ``model_type`` picks the family: one of :data:`FAMILIES` (GPT-2, Llama, Qwen2, Qwen3).
+    Fields the file leaves out take ``transformers``' defaults.  What llmlab does not compute
+    (another architecture, a quantized checkpoint, sliding-window attention, a RoPE
+    type other than default / linear / llama3, …) is an :class:`HFConversionError` naming it.
+    ``name`` defaults to the ``_name_or_path`` the file records, else ``hf-<model_type>``.
+    """
+    if not isinstance(data, Mapping):
+        raise HFConversionError(f"a Hugging Face config is a JSON object of fields, got {type(data).__name__}.")
+    family = data.get("model_type")
+    if family not in FAMILIES:
+        supported = "; ".join(f"{key!r} ({label})" for key, label in FAMILIES.items())
+        raise HFConversionError(f"model_type {family!r} is not an architecture llmlab loads: it loads {supported}.")
+    if data.get("quantization_config"):
+        method = data["quantization_config"].get("quant_method", "?") if isinstance(
+            data["quantization_config"], Mapping) else "?"
+        raise HFConversionError(f"this checkpoint is quantized ({method}); llmlab loads fp32, bf16 and fp16 "
+                                "weights: use the model's unquantized release.")
+    name = name or _name_of(str(data.get("_name_or_path", "") or ""), family)
+    fields = _gpt2_fields(data) if family == "gpt2" else _llama_fields(data, family)
+    try:
+        return ModelConfig(name=name, **fields)
+    except ConfigError as err:
+        raise HFConversionError(f"the {FAMILIES[family]} config does not make a valid llmlab config: {err}") from None
+
+
+def _name_of(source: str, family: str) -> str:
+    """The last part of a folder or hub name (``meta-llama/Llama-3.2-1B`` → ``Llama-3.2-1B``)."""
+    return os.path.basename(source.rstrip("/\\")) or f"hf-{family}"
+
+
+def _field(data: Mapping[str, Any], key: str, defaults: Mapping[str, Any] | None = None) -> Any:
+    """``data[key]``, else the default; a field with neither is an error naming it."""
+    if data.get(key) is not None:
+        return data[key]
+    if defaults is not None and key in defaults:
+        return defaults[key]
+    raise HFConversionError(f"the config lacks {key!r}: config.json is incomplete (compare it with the model's "
+                            "config.json on the hub).")
+
+
+def _gpt2_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    """ModelConfig fields of a GPT-2 ``config.json``; variants llmlab does not compute are refused."""
+    activation = _field(data, "activation_function", _GPT2_DEFAULTS)
     if activation in TANH_GELUS:
         mlp = "gelu"
     elif activation == "relu":
@@ -158,34 +232,309 @@ def hf_gpt2_to_config(hf_config: transformers.PretrainedConfig, name: str | None
     unsupported = [(flag, why) for flag, why in (
         ("add_cross_attention", "cross-attention (an encoder-decoder model)"),
         ("scale_attn_by_inverse_layer_idx", "attention scores scaled by 1 / (layer index + 1)"),
-    ) if getattr(hf_config, flag, False)]
-    if not getattr(hf_config, "scale_attn_weights", True):
+    ) if data.get(flag, False)]
+    if not data.get("scale_attn_weights", True):
         unsupported.append(("scale_attn_weights=False", "attention scores not divided by √head_dim"))
     if unsupported:
         raise HFConversionError("this GPT-2 config uses " + "; ".join(f"{flag} ({why})" for flag, why in unsupported)
                                 + ", which llmlab's attention does not compute.")
-    if name is None:
-        source = str(getattr(hf_config, "_name_or_path", "") or "").rstrip("/\\")
-        name = os.path.basename(source) or "hf-gpt2"
-    try:
-        return ModelConfig(
-            name=name,
-            vocab_size=hf_config.vocab_size,
-            context_length=hf_config.n_positions,
-            d_model=hf_config.n_embd,
-            n_layers=hf_config.n_layer,
-            n_heads=hf_config.n_head,
-            d_ff=hf_config.n_inner,  # None: 4 × d_model, as GPT-2
-            norm="layernorm", mlp=mlp, positional="learned", bias=True,
-            tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
-            norm_eps=hf_config.layer_norm_epsilon,
-            dropout=float(hf_config.resid_pdrop),  # training only; llmlab has one dropout rate
-        )
-    except ConfigError as err:
-        raise HFConversionError(f"the GPT-2 config does not make a valid llmlab config: {err}") from None
+    return dict(
+        vocab_size=_field(data, "vocab_size", _GPT2_DEFAULTS),
+        context_length=_field(data, "n_positions", _GPT2_DEFAULTS),
+        d_model=_field(data, "n_embd", _GPT2_DEFAULTS),
+        n_layers=_field(data, "n_layer", _GPT2_DEFAULTS),
+        n_heads=_field(data, "n_head", _GPT2_DEFAULTS),
+        d_ff=data.get("n_inner"),  # None: 4 × d_model, as GPT-2
+        norm="layernorm", mlp=mlp, positional="learned", bias=True,
+        tie_embeddings=_field(data, "tie_word_embeddings", _GPT2_DEFAULTS),
+        norm_eps=_field(data, "layer_norm_epsilon", _GPT2_DEFAULTS),
+        dropout=float(_field(data, "resid_pdrop", _GPT2_DEFAULTS)),  # training only; llmlab has one dropout rate
+    )
+
+
+def _llama_fields(data: Mapping[str, Any], family: str) -> dict[str, Any]:
+    """ModelConfig fields of a Llama, Qwen2 or Qwen3 ``config.json``."""
+    defaults = _LLAMA_DEFAULTS[family]
+    label = FAMILIES[family]
+    activation = data.get("hidden_act", "silu")
+    if activation != "silu":
+        raise HFConversionError(f"hidden_act={activation!r}: llmlab's SwiGLU gates with SiLU ('silu'), as every "
+                                f"{label} release does.")
+    layer_types = data.get("layer_types") or []
+    if data.get("use_sliding_window") or any(kind != "full_attention" for kind in layer_types):
+        raise HFConversionError(f"this {label} config uses sliding-window attention (use_sliding_window / "
+                                "layer_types), which llmlab's attention does not compute: every llmlab layer "
+                                "attends to the whole context.")
+    attention_bias, mlp_bias = bool(data.get("attention_bias", False)), bool(data.get("mlp_bias", False))
+    if attention_bias != mlp_bias:
+        raise HFConversionError(f"attention_bias={attention_bias} with mlp_bias={mlp_bias}: llmlab's bias=True puts "
+                                "a bias in every projection, bias=False in none (Qwen2's q/k/v-only biases "
+                                "aside); this mix is not one it computes.")
+    n_heads = _field(data, "num_attention_heads")
+    d_model = _field(data, "hidden_size")
+    head_dim = data.get("head_dim") or defaults.get("head_dim")  # None: d_model / n_heads
+    theta, scaling = _rope(data, _field(data, "max_position_embeddings", defaults))
+    return dict(
+        vocab_size=_field(data, "vocab_size"),
+        context_length=_field(data, "max_position_embeddings", defaults),
+        d_model=d_model,
+        n_layers=_field(data, "num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv_heads=data.get("num_key_value_heads") or n_heads,
+        head_dim=head_dim,
+        d_ff=_field(data, "intermediate_size"),
+        norm="rmsnorm", mlp="swiglu", positional="rope", rope_theta=theta, rope_scaling=scaling,
+        bias=attention_bias, qkv_bias=family == "qwen2",
+        tie_embeddings=_field(data, "tie_word_embeddings", defaults),
+        qk_norm=family == "qwen3",
+        norm_eps=_field(data, "rms_norm_eps", defaults),
+    )
+
+
+def _rope(data: Mapping[str, Any], max_positions: int) -> tuple[float, dict[str, Any] | None]:
+    """``(rope_theta, rope_scaling)`` from either way config.json writes them.
+
+    Checkpoints written by transformers 4 have ``rope_theta`` and ``rope_scaling`` (whose type
+    is under ``rope_type``, or ``type`` in older files); transformers 5 writes both inside
+    ``rope_parameters``.
+    """
+    params = dict(data.get("rope_parameters") or data.get("rope_scaling") or {})
+    if not all(isinstance(key, str) for key in params):  # per-layer-type parameters (Gemma-style)
+        raise HFConversionError("this config has a RoPE per layer type; llmlab has one RoPE for every layer.")
+    theta = params.pop("rope_theta", None) or data.get("rope_theta") or 10000.0
+    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    partial = params.pop("partial_rotary_factor", None) or data.get("partial_rotary_factor") or 1.0
+    if partial != 1.0:
+        raise HFConversionError(f"partial_rotary_factor={partial}: this model rotates only part of each head; "
+                                "llmlab's RoPE rotates all of it.")
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, {"rope_type": "linear", "factor": params.get("factor")}
+    if kind == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor")
+        scaling = {"rope_type": "llama3", **{key: params.get(key) for key in keys},
+                   "original_max_position_embeddings": params.get("original_max_position_embeddings", max_positions)}
+        return theta, scaling
+    raise HFConversionError(f"RoPE type {kind!r} is not one llmlab computes: it computes the default RoPE and the "
+                            "'linear' and 'llama3' scalings (ModelConfig.rope_scaling).")
 
 
 # --- weights ------------------------------------------------------------------------------
+
+
+class TensorSource(Protocol):
+    """Named tensors that can be listed and sized without reading them, then read one at a time."""
+
+    def names(self) -> Iterable[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> torch.dtype: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+class StateDictSource:
+    """A :class:`TensorSource` over tensors already in memory (a ``state_dict()``)."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.state = state
+
+    def names(self) -> Iterable[str]:
+        return self.state.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.state[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.state[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.state[name].detach()
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One llmlab weight: which Hugging Face tensor holds it, that tensor's shape, and how to turn it into ours."""
+
+    target: str
+    source: str
+    shape: tuple[int, ...]
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def is_gpt2_layout(config: ModelConfig) -> bool:
+    """Whether ``config``'s weights are laid out as GPT-2's (learned positions) rather than Llama's (RoPE)."""
+    return config.positional == "learned"
+
+
+def weight_plan(model: Transformer) -> list[WeightSpec]:
+    """Every weight of ``model`` (an llmlab Transformer), and where a Hugging Face checkpoint keeps it (notebook 14).
+
+    GPT-2-style models read GPT-2's names and layouts; RoPE models read Llama's names
+    (Llama, Qwen2 and Qwen3 share them).  A tied LM head is not read: it is the embedding.
+    """
+    config = model.config
+    if is_gpt2_layout(config):
+        check_gpt2_expressible(config)
+        return _gpt2_plan(config)
+    plan = []
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue
+        plan.append(WeightSpec(name, _llama_name(name), tuple(tensor.shape)))
+    return plan
+
+
+_LLAMA_RENAMES = (("token_embedding.", "model.embed_tokens."), ("final_norm.", "model.norm."),
+                  ("blocks.", "model.layers."), (".norm1.", ".input_layernorm."),
+                  (".norm2.", ".post_attention_layernorm."), (".attn.", ".self_attn."))
+
+
+def _llama_name(name: str) -> str:
+    """The Llama/Qwen name of an llmlab weight (``blocks.0.attn.q_proj.weight`` → ``model.layers.0.self_attn.q_proj.weight``)."""
+    for ours, theirs in _LLAMA_RENAMES:
+        name = name.replace(ours, theirs)
+    return name
+
+
+def _gpt2_plan(config: ModelConfig) -> list[WeightSpec]:
+    """GPT-2's names and ``[in, out]`` layouts; ``c_attn`` is split into q, k and v."""
+    d, hd, ff = config.d_model, config.attention_dim, config.d_ff
+    plan = [WeightSpec("token_embedding.weight", "transformer.wte.weight", (config.vocab_size, d)),
+            WeightSpec("position_embedding.weight", "transformer.wpe.weight", (config.context_length, d))]
+    for i in range(config.n_layers):
+        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
+        for a, b in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            plan += [WeightSpec(f"{ours}{a}.weight", f"{theirs}{b}.weight", (d,)),
+                     WeightSpec(f"{ours}{a}.bias", f"{theirs}{b}.bias", (d,))]
+        for index, part in enumerate("qkv"):
+            columns = slice(index * hd, (index + 1) * hd)
+            plan += [WeightSpec(f"{ours}attn.{part}_proj.weight", f"{theirs}attn.c_attn.weight", (d, 3 * hd),
+                                lambda w, columns=columns: w[:, columns].t()),
+                     WeightSpec(f"{ours}attn.{part}_proj.bias", f"{theirs}attn.c_attn.bias", (3 * hd,),
+                                lambda b, columns=columns: b[columns])]
+        for a, b, shape in (("attn.o_proj", "attn.c_proj", (hd, d)), ("mlp.up_proj", "mlp.c_fc", (d, ff)),
+                            ("mlp.down_proj", "mlp.c_proj", (ff, d))):
+            plan += [WeightSpec(f"{ours}{a}.weight", f"{theirs}{b}.weight", shape, torch.t),
+                     WeightSpec(f"{ours}{a}.bias", f"{theirs}{b}.bias", (shape[1],))]
+    plan += [WeightSpec("final_norm.weight", "transformer.ln_f.weight", (d,)),
+             WeightSpec("final_norm.bias", "transformer.ln_f.bias", (d,))]
+    if not config.tie_embeddings:
+        plan.append(WeightSpec("lm_head.weight", "lm_head.weight", (config.vocab_size, d)))
+    return plan
+
+
+def _canonical(name: str, gpt2: bool) -> str | None:
+    """A checkpoint's tensor name as the plan spells it (with its ``transformer.`` / ``model.`` prefix); None: not a weight."""
+    if name.endswith(_IGNORED_SUFFIXES):
+        return None
+    prefix = "transformer." if gpt2 else "model."
+    return name if name.startswith((prefix, "lm_head.")) else prefix + name
+
+
+def check_weights(config: ModelConfig, plan: list[WeightSpec], source: TensorSource) -> dict[str, str]:
+    """Check that ``source`` holds every weight of ``plan`` with its shape, and nothing else (notebook 14).
+
+    Only names and shapes are read.  Returns the plan's names → the source's own names.
+    Raises :class:`HFConversionError` naming the first missing or mis-shaped tensor (and the
+    shape the config asks for), or the unexpected ones.
+    """
+    gpt2 = is_gpt2_layout(config)
+    kind = "GPT-2" if gpt2 else "Llama/Qwen"
+    names: dict[str, str] = {}
+    for name in source.names():
+        canonical = _canonical(name, gpt2)
+        if canonical is not None:
+            names[canonical] = name
+    if config.tie_embeddings:
+        names.pop("lm_head.weight", None)  # a saved copy of the tied head: the embedding is the one used
+    elif "lm_head.weight" not in names:
+        raise HFConversionError(f"the config unties the LM head (tie_word_embeddings=False) but the weights lack "
+                                f"'lm_head.weight' {list(_shape_of(plan, 'lm_head.weight'))}.")
+    for spec in plan:
+        if spec.source not in names:
+            raise HFConversionError(
+                f"the {kind} weights lack {spec.source!r} (shape {list(spec.shape)}): the checkpoint is incomplete "
+                f"(a missing shard?), or its config does not match its weights (n_layer / num_hidden_layers?).")
+        found = source.shape(names[spec.source])
+        if tuple(found) != spec.shape:
+            raise HFConversionError(f"{spec.source} has shape {list(found)}, but the config asks for "
+                                    f"{list(spec.shape)}: the config does not match these weights.")
+    unexpected = sorted(set(names) - {spec.source for spec in plan})
+    if unexpected:
+        raise HFConversionError(f"unexpected weights for a {kind} of {config.n_layers} layers: "
+                                f"{', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''} (a config "
+                                "with fewer layers than the weights, or another architecture's weights).")
+    return names
+
+
+def stored_dtype(config: ModelConfig, source: TensorSource) -> torch.dtype:
+    """The dtype ``source`` stores its token embedding in: what loading "as stored" uses (notebook 14)."""
+    gpt2 = is_gpt2_layout(config)
+    embedding = "transformer.wte.weight" if gpt2 else "model.embed_tokens.weight"
+    for name in source.names():
+        if _canonical(name, gpt2) == embedding:
+            return source.dtype(name)
+    raise HFConversionError(f"the weights lack the token embedding {embedding!r}: these are not the weights of "
+                            f"this config's architecture, or the checkpoint is incomplete.")
+
+
+def _shape_of(plan: list[WeightSpec], target: str) -> tuple[int, ...]:
+    return next((spec.shape for spec in plan if spec.target == target), ())
+
+
+def build_model(config: ModelConfig, source: TensorSource, device: torch.device | str = "cpu",
+                dtype: torch.dtype | None = None) -> Transformer:
+    """An llmlab Transformer of ``config`` holding the Hugging Face weights of ``source``, in eval mode (notebook 14).
+
+    The model is built on the ``meta`` device (shapes only, no random init), every weight is
+    checked first (:func:`check_weights`), then read, converted, cast to ``dtype`` (default:
+    the stored dtype of the token embedding) and moved to ``device`` one tensor at a time:
+    the weights are never held twice.  Each weight gets its own memory (never a view of
+    ``source``: a memory-mapped file can change under a model that reads it).  RoPE's
+    tables, computed rather than stored, are built on ``device``.
+    """
+    with torch.device("meta"):
+        model = Transformer(config)
+    plan = weight_plan(model)
+    names = check_weights(config, plan, source)
+    dtype = dtype or stored_dtype(config, source)
+    with torch.no_grad():
+        for spec in plan:
+            stored = source.get(names[spec.source])
+            tensor = stored if spec.transform is None else spec.transform(stored)
+            tensor = tensor.to(device=device, dtype=dtype).contiguous()
+            if tensor.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr():
+                tensor = tensor.clone()  # its own memory: not the mapped file, another model, or a wider tensor
+            _put(model, spec.target, tensor)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.token_embedding.weight
+    if config.positional == "rope":
+        from llmlab.layers.positional import RotaryEmbedding
+
+        with torch.device(device):
+            rope = RotaryEmbedding.from_config(config)
+        for block in model.blocks:
+            block.attn.rope = rope
+    _check_materialized(model)
+    return model.eval()
+
+
+def _put(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Make ``tensor`` the parameter ``name`` of ``model`` (replacing its meta placeholder, not copying into it)."""
+    owner, _, attribute = name.rpartition(".")
+    module = model.get_submodule(owner)
+    setattr(module, attribute, torch.nn.Parameter(tensor, requires_grad=getattr(module, attribute).requires_grad))
+
+
+def _check_materialized(model: torch.nn.Module) -> None:
+    """Every parameter and buffer holds real numbers (a weight the plan forgot would still be on ``meta``)."""
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise HFConversionError(f"llmlab could not fill {', '.join(left[:5])}: this is a bug in llmlab.hf, "
+                                "please report it with the checkpoint's config.json.")
 
 
 def _to_hf_state(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -208,64 +557,6 @@ def _to_hf_state(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[st
         for a, b in (("attn.o_proj", "attn.c_proj"), ("mlp.up_proj", "mlp.c_fc"), ("mlp.down_proj", "mlp.c_proj")):
             out[f"{theirs}{b}.weight"] = state[f"{ours}{a}.weight"].t().contiguous()
             out[f"{theirs}{b}.bias"] = state[f"{ours}{a}.bias"]
-    return out
-
-
-def _from_hf_state(hf_state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Hugging Face GPT-2 state dict (with or without the ``transformer.`` prefix) → llmlab state dict.
-
-    Every weight must be there with its expected shape; anything left over is an error.
-    """
-    state = {}
-    for key, value in hf_state.items():
-        if key.endswith(_IGNORED_SUFFIXES):
-            continue
-        key = key if key.startswith("lm_head.") or key.startswith("transformer.") else "transformer." + key
-        state[key] = value
-    d, hd = config.d_model, config.attention_dim
-
-    def take(key: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if key not in state:
-            raise HFConversionError(f"the GPT-2 weights lack {key!r}: the checkpoint is incomplete, or its config "
-                                    "does not match its weights (n_layer?).")
-        tensor = state.pop(key)
-        if tuple(tensor.shape) != shape:
-            raise HFConversionError(f"{key} has shape {tuple(tensor.shape)}, but the config asks for {shape}: the "
-                                    "config does not match these weights.")
-        return tensor
-
-    out = {
-        "token_embedding.weight": take("transformer.wte.weight", (config.vocab_size, d)),
-        "position_embedding.weight": take("transformer.wpe.weight", (config.context_length, d)),
-    }
-    for i in range(config.n_layers):
-        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
-        for a, b in (("norm1", "ln_1"), ("norm2", "ln_2")):
-            out[f"{ours}{a}.weight"] = take(f"{theirs}{b}.weight", (d,))
-            out[f"{ours}{a}.bias"] = take(f"{theirs}{b}.bias", (d,))
-        qkv_w = take(f"{theirs}attn.c_attn.weight", (d, 3 * hd)).t()
-        qkv_b = take(f"{theirs}attn.c_attn.bias", (3 * hd,))
-        for part, w, b in zip("qkv", qkv_w.split(hd, dim=0), qkv_b.split(hd, dim=0)):
-            out[f"{ours}attn.{part}_proj.weight"] = w.contiguous()
-            out[f"{ours}attn.{part}_proj.bias"] = b
-        for a, b, shape in (("attn.o_proj", "attn.c_proj", (hd, d)), ("mlp.up_proj", "mlp.c_fc", (d, config.d_ff)),
-                            ("mlp.down_proj", "mlp.c_proj", (config.d_ff, d))):
-            out[f"{ours}{a}.weight"] = take(f"{theirs}{b}.weight", shape).t().contiguous()
-            out[f"{ours}{a}.bias"] = take(f"{theirs}{b}.bias", (shape[1],))
-    out["final_norm.weight"] = take("transformer.ln_f.weight", (d,))
-    out["final_norm.bias"] = take("transformer.ln_f.bias", (d,))
-    head = state.pop("lm_head.weight", None)
-    if config.tie_embeddings:
-        out["lm_head.weight"] = out["token_embedding.weight"]  # one matrix; a saved copy is ignored
-    elif head is None:
-        raise HFConversionError("the config unties the LM head (tie_word_embeddings=False) but the weights lack "
-                                "'lm_head.weight'.")
-    else:
-        state["lm_head.weight"] = head
-        out["lm_head.weight"] = take("lm_head.weight", (config.vocab_size, d))
-    if state:
-        raise HFConversionError(f"unexpected weights for a GPT-2 of {config.n_layers} layers: "
-                                f"{', '.join(sorted(state)[:5])}{' …' if len(state) > 5 else ''}.")
     return out
 
 
@@ -293,20 +584,6 @@ def to_hf_gpt2(model: Transformer, attn_implementation: str = "sdpa") -> transfo
     return hf.eval()
 
 
-def _build(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device | str,
-           dtype: torch.dtype) -> Transformer:
-    """An llmlab Transformer holding ``state`` (built on the meta device: no throwaway random init)."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    model.to_empty(device=device)
-    model.to(dtype)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.token_embedding.weight  # to_empty() untied them
-    with torch.no_grad():
-        model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
 def from_hf_gpt2(hf_model: transformers.PreTrainedModel, name: str | None = None) -> Transformer:
     """The llmlab ``Transformer`` computing what a Hugging Face ``GPT2LMHeadModel`` computes (notebook 14).
 
@@ -319,8 +596,7 @@ def from_hf_gpt2(hf_model: transformers.PreTrainedModel, name: str | None = None
                                 f"{type(hf_model).__name__}.")
     config = hf_gpt2_to_config(config_of, name=name)
     weight = hf_model.get_input_embeddings().weight
-    state = _from_hf_state({k: v.detach() for k, v in hf_model.state_dict().items()}, config)
-    return _build(config, state, weight.device, weight.dtype)
+    return build_model(config, StateDictSource(hf_model.state_dict()), weight.device, weight.dtype)
 
 
 def load_hf_gpt2(folder: str | os.PathLike, device: str | torch.device = "cpu", *,
@@ -330,56 +606,17 @@ def load_hf_gpt2(folder: str | os.PathLike, device: str | torch.device = "cpu", 
     ``folder`` is what ``GPT2LMHeadModel.save_pretrained(folder)`` writes (a single
     ``model.safetensors`` or shards listed in ``model.safetensors.index.json``); the weights
     are read with ``safetensors``, without building a Hugging Face model.  ``dtype`` defaults to
-    the stored one; ``name`` to the folder's name.
+    the stored one; ``name`` to the folder's name.  :func:`llmlab.hub.load_model` loads every
+    family (Llama and Qwen too).
     """
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    if not folder.is_dir():
-        raise HFConversionError(f"{str(folder)!r} is not a folder: give the folder save_pretrained() wrote.")
-    if not config_path.is_file():
-        raise HFConversionError(f"{str(folder)!r} has no config.json: it is not a Hugging Face model folder.")
-    try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise HFConversionError(f"{config_path} is not valid JSON ({err}).") from None
-    if not isinstance(data, dict) or data.get("model_type") != "gpt2":
-        kind = data.get("model_type") if isinstance(data, dict) else None
-        raise HFConversionError(f"{config_path} describes model_type {kind!r}, not 'gpt2': only GPT-2 checkpoints "
-                                "load into llmlab's GPT-2-style Transformer.")
-    hf_config = _transformers().GPT2Config.from_dict(data)
-    config = hf_gpt2_to_config(hf_config, name=name or folder.resolve().name)
-    hf_state = _read_safetensors(folder)
-    dtype = dtype or hf_state[next(k for k in hf_state if k.endswith("wte.weight"))].dtype
-    return _build(config, _from_hf_state(hf_state, config), device, dtype)
+    from llmlab.hub import load_model, read_hf_config
 
-
-def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of ``model.safetensors``, or of the shards ``model.safetensors.index.json`` lists."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        try:
-            weight_map: dict[str, Any] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-            raise HFConversionError(f"{index} is not a valid shard index ({err!r}).") from None
-        files = [folder / shard for shard in sorted(set(weight_map.values()))]
-    else:
-        others = sorted(p.name for p in folder.glob("*.bin"))
-        hint = f" (found {', '.join(others)}: re-save with save_pretrained(safe_serialization=True))" if others else ""
-        raise HFConversionError(f"{str(folder)!r} has no model.safetensors{hint}.")
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        try:
-            state.update(load_file(str(path)))
-        except (SafetensorError, OSError) as err:
-            raise HFConversionError(f"cannot read {path}: {err}. The file is missing or corrupt.") from None
-    if not any(k.endswith("wte.weight") for k in state):
-        raise HFConversionError(f"{str(folder)!r} holds no GPT-2 token embedding (wte.weight): not GPT-2 weights.")
-    return state
+    kind = read_hf_config(folder).get("model_type")
+    if kind != "gpt2":
+        raise HFConversionError(f"{os.fspath(folder)}/config.json describes model_type {kind!r}, not 'gpt2': "
+                                "load_hf_gpt2() loads GPT-2 checkpoints; llmlab.hub.load_model() loads every "
+                                f"family llmlab knows ({', '.join(FAMILIES)}).")
+    return load_model(folder, device, dtype=dtype, name=name)
 
 
 def _transformers():
@@ -393,6 +630,7 @@ def _transformers():
 
 
 __all__ = [
-    "HFConversionError", "check_gpt2_expressible", "from_hf_gpt2", "gpt2_config_to_hf", "hf_gpt2_to_config",
-    "load_hf_gpt2", "to_hf_gpt2",
+    "FAMILIES", "HFConversionError", "StateDictSource", "TensorSource", "WeightSpec", "build_model",
+    "check_gpt2_expressible", "check_weights", "config_from_hf", "from_hf_gpt2", "gpt2_config_to_hf",
+    "hf_gpt2_to_config", "is_gpt2_layout", "load_hf_gpt2", "stored_dtype", "to_hf_gpt2", "weight_plan",
 ]

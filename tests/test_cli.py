@@ -168,3 +168,159 @@ def test_several_prompts_bad_input(tmp_path, capsys):
     assert main(["generate", "ROMEO:", "x" * 2000, "--max-new-tokens", "5"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "context" in captured.err
+
+
+# --- real pretrained checkpoints: --model, chat, info (notebook 14) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    """Small Hugging Face checkpoints written by transformers with random weights: a Llama 3 and a Qwen2.5 style."""
+    hub_tests = pytest.importorskip("test_hub")  # its writers need transformers and tokenizers
+    root = tmp_path_factory.mktemp("hf")
+    hub_tests.write_checkpoint(root / "llama", "llama", "llama3")
+    hub_tests.write_checkpoint(root / "qwen", "qwen2", "qwen", tie_word_embeddings=True)
+    return root
+
+
+class _PlainIds:
+    """The ids the command line must feed: what the tokenizer adds (BOS) and the prompt, special text as text."""
+
+    def __init__(self, tokenizer, add_special_tokens: bool = True) -> None:
+        self.tokenizer, self.add = tokenizer, add_special_tokens
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, allowed_special="all" if not self.add else frozenset(),
+                                     add_special_tokens=self.add)
+
+    def decode_bytes(self, ids) -> bytes:
+        return self.tokenizer.decode_bytes(ids)
+
+
+def test_generate_with_a_hf_model(hf_folders, capsys):
+    from llmlab.generate import generate_text
+    from llmlab.hub import load_pretrained
+    from llmlab.sampling import SamplingParams
+
+    folder = hf_folders / "llama"
+    pre = load_pretrained(folder)
+    bos = pre.tokenizer.special_tokens["<|begin_of_text|>"]
+    assert pre.tokenizer.encode("Hello 안녕")[0] == bos  # the base model's prompt starts as in training
+    params = SamplingParams(temperature=0, max_new_tokens=12, stop_ids=pre.stop_ids)
+    expected = "Hello 안녕" + generate_text(pre.model, _PlainIds(pre.tokenizer), "Hello 안녕", params) + "\n"
+    assert main(["generate", "--model", str(folder), "Hello 안녕", "--temperature", "0", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out == expected
+    assert main(["generate", "--model", str(folder), "Hello", "--dtype", "bf16", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("Hello")
+
+
+def test_several_prompts_with_a_hf_model_run_through_the_engine(hf_folders, capsys):
+    alone = []
+    for prompt in ("Hello", "def f(x):"):
+        assert main(["generate", "--model", str(hf_folders / "qwen"), prompt, "--temperature", "0",
+                     "--max-new-tokens", "6", "--dtype", "fp32"]) == 0
+        alone.append(capsys.readouterr().out)
+    assert main(["generate", "--model", str(hf_folders / "qwen"), "Hello", "def f(x):", "--temperature", "0",
+                 "--max-new-tokens", "6"]) == 0
+    blocks = capsys.readouterr().out.split("\n\n--- prompt 2 of 2")
+    assert blocks[0].split("---\n", 1)[1] == alone[0].rstrip("\n")
+    assert blocks[1].split("---\n", 1)[1] == alone[1]
+
+
+def usage_error(argv: list[str]) -> int:
+    """The exit status of a command line argparse itself refuses (it exits instead of returning)."""
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    return caught.value.code
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "x"], "argument --checkpoint: not allowed with argument --model"),
+    (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+])
+def test_generate_with_a_hf_model_bad_options(hf_folders, capsys, args, message):
+    assert usage_error(["generate", "--model", str(hf_folders / "qwen"), "Hi", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["generate", "--model", str(hf_folders / "qwen"), "Hi", "--device", "cuda:7"]) == 2
+    assert "cuda:7" in capsys.readouterr().err
+
+
+def test_generate_with_a_hf_model_bad_input(hf_folders, tmp_path, capsys):
+    assert main(["generate", "--model", str(hf_folders / "qwen"), "Hi <|im_end|>"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "special token <|im_end|>: add --allow-special" in captured.err
+    assert main(["generate", "--model", str(tmp_path), "Hi"]) == 1
+    assert "has no config.json" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "missing" / "folder"), "Hi"]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_chat_reads_lines_and_streams_replies(hf_folders, capsys, monkeypatch):
+    import io
+
+    from llmlab.generate import generate_text
+    from llmlab.hub import load_pretrained
+    from llmlab.sampling import SamplingParams
+
+    folder = hf_folders / "qwen"
+    pre = load_pretrained(folder)
+    params = SamplingParams(temperature=0, max_new_tokens=7, stop_ids=pre.stop_ids)
+    conversation = [{"role": "system", "content": "Be brief."}]
+    replies = []
+    for line in ("Hi there 👋", "안녕하세요?"):
+        conversation.append({"role": "user", "content": line})
+        prompt = pre.chat_template.render(conversation, add_generation_prompt=True)
+        replies.append(generate_text(pre.model, _PlainIds(pre.tokenizer, False), prompt, params))
+        conversation.append({"role": "assistant", "content": replies[-1]})
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi there 👋\n\n   \nnot <|im_start|> this\n안녕하세요?\n"))
+    assert main(["chat", "--model", str(folder), "--system", "Be brief.", "--temperature", "0",
+                 "--max-new-tokens", "7"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == replies[0] + "\n" + replies[1] + "\n"
+    assert "llmlab chat: error: the message contains the special token <|im_start|>" in captured.err
+
+
+def test_chat_with_a_base_model_and_bad_options(hf_folders, tmp_path, capsys, monkeypatch):
+    import io
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(hf_folders / "llama", base)
+    (base / "chat_template.jinja").unlink()
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert main(["chat", "--model", str(base)]) == 1
+    assert "has no chat template" in capsys.readouterr().err
+    assert usage_error(["chat"]) == 2
+    assert "the following arguments are required: --model" in capsys.readouterr().err
+    assert main(["chat", "--model", str(base), "--temperature", "-1"]) == 2
+    assert "--temperature: temperature must be ≥ 0" in capsys.readouterr().err
+
+
+def test_info_of_a_hf_model(hf_folders, capsys):
+    from llmlab import calc
+    from llmlab.hub import load_model, read_config
+
+    folder = hf_folders / "llama"
+    assert main(["info", "--model", str(folder)]) == 0
+    out = capsys.readouterr().out
+    config = read_config(folder)
+    count = load_model(folder).num_parameters()
+    assert f"model: llama from {folder}" in out and f"({count:,});" in out
+    assert "4 heads (2 KV heads) of 16" in out and "(stored in fp32)" in out
+    kv = calc.human_bytes(calc.kv_bytes_per_token(config, "bf16"))
+    assert f"KV cache: {kv} per token in bf16" in out and kv == "256 B"
+    assert f"{calc.human_bytes(calc.weight_bytes(config, 'bf16'))} in bf16" in out
+
+
+def test_info_of_a_damaged_hf_model(hf_folders, tmp_path, capsys):
+    import json
+    import shutil
+
+    folder = tmp_path / "llama"
+    shutil.copytree(hf_folders / "llama", folder)
+    data = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**data, "num_hidden_layers": 3}))
+    assert main(["info", "--model", str(folder)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "lack 'model.layers.2." in captured.err
+    assert usage_error(["info", "--model", str(hf_folders / "llama"), "--checkpoint", "x"]) == 2

@@ -88,6 +88,11 @@ def test_hf_to_llmlab_same_logits(name):
     ours = from_hf_gpt2(hf, name=config.name)
     assert ours.config == config
     assert not ours.training
+    # a copy: no weight of ours shares memory with the Hugging Face model (nor a split c_attn's other parts)
+    theirs = {p.untyped_storage().data_ptr() for p in hf.parameters()}
+    assert not theirs & {p.untyped_storage().data_ptr() for p in ours.parameters()}
+    q = ours.blocks[0].attn.q_proj.bias
+    assert q.untyped_storage().nbytes() == q.numel() * q.element_size()
     assert ours.num_parameters() == hf.num_parameters()
     assert (ours.lm_head.weight is ours.token_embedding.weight) == config.tie_embeddings
     ids = random_ids(config, seed=4)
