@@ -1,4 +1,4 @@
-"""The ``llmlab`` command line: ``generate``, ``chat``, ``train``, ``info``.
+"""The ``llmlab`` command line: ``generate``, ``chat``, ``train``, ``info``, ``serve``, ``bench``.
 
     python -m llmlab generate "ROMEO:"                 # the built-in model, offline
     python -m llmlab train --preset course-tiny --minutes 10 --out runs/mine
@@ -6,6 +6,8 @@
     python -m llmlab generate --model Qwen/Qwen2.5-0.5B "The capital of France is"   # a real checkpoint
     python -m llmlab chat --model Qwen/Qwen2.5-0.5B-Instruct --system "Be brief."
     python -m llmlab info --model meta-llama/Llama-3.2-1B
+    python -m llmlab serve --port 8000                  # an OpenAI-compatible server (notebook 15)
+    python -m llmlab bench serve --requests 50          # = python -m llmlab.bench serve --requests 50
 
 Taught in notebook 08 (generation), notebook 07 (training) and notebook 14 (real
 pretrained checkpoints: ``--model`` takes a Hugging Face folder or hub id).  Bad input
@@ -88,7 +90,40 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a Hugging Face folder or hub id: its size from config.json (a hub id downloads "
                                 "only the config)")
     info.add_argument("--presets", action="store_true", help="list the model presets and their sizes")
+
+    _add_serve_parser(sub)
+    sub.add_parser("bench", help="benchmarks (python -m llmlab.bench): llmlab bench --help lists them",
+                   add_help=False)
     return parser
+
+
+def _add_serve_parser(sub) -> None:
+    """``llmlab serve``: the OpenAI-compatible HTTP server (notebook 15)."""
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over the serving engine (notebook 15)",
+                           description="Serve a model over HTTP with OpenAI's API: /v1/completions, "
+                                       "/v1/chat/completions (models with a chat template), /v1/models, /health, "
+                                       "/metrics (Prometheus). Ctrl-C or SIGTERM stops it cleanly.")
+    source = serve.add_mutually_exclusive_group()
+    source.add_argument("--model", default=None, metavar="PATH_OR_HUB_ID", help=MODEL_HELP)
+    source.add_argument("--checkpoint", type=Path, default=None,
+                        help="an llmlab checkpoint folder (default: the built-in course model, offline)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients ask for (default: the model's own name)")
+    serve.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: CUDA when present)")
+    serve.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    serve.add_argument("--tp", type=int, default=1,
+                       help="tensor-parallel ranks (notebook 12); start one process per rank with torchrun: "
+                            "torchrun --nproc-per-node 2 -m llmlab serve --tp 2 (rank 0 serves HTTP)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to "
+                            "the network)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    serve.add_argument("--api-key", default=None,
+                       help="require Authorization: Bearer KEY on /v1/... (default: $LLMLAB_API_KEY, else none)")
+    serve.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one batch (default 64)")
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                       help="uvicorn's log level (default info)")
 
 
 MODEL_HELP = ("a Hugging Face checkpoint (GPT-2, Llama 2/3, Qwen2/2.5/3): a local folder with config.json, "
@@ -532,7 +567,101 @@ def _number(value: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "train": cmd_train, "info": cmd_info}
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a model with OpenAI's HTTP API until Ctrl-C (exit 130) or SIGTERM (exit 0); notebook 15."""
+    import signal
+
+    from llmlab.serve import serve_forever
+    from llmlab.serve.server import is_loopback
+
+    _check_serve_options(args)
+    served = _served_model(args)
+    if args.tp != 1:
+        from llmlab.sampling import SamplingParams
+
+        _split_over_ranks(served.model, args.tp, SamplingParams(temperature=0))
+        comm = served.model.tp_comm
+        if comm.rank != 0:  # rank 0 schedules and serves; this rank runs the batches it sends, until it stops
+            from llmlab.serve.parallel import follow_server
+
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every rank: rank 0 stops this one
+            follow_server(served.model, comm)
+            return 0
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LLMLAB_API_KEY") or None
+    if not is_loopback(args.host):
+        print(f"llmlab serve: warning: listening on {args.host}, reachable from other machines"
+              f"{'' if api_key else ' by anyone (no --api-key)'}", file=sys.stderr)
+
+    def announce(url: str) -> None:
+        auth = ' -H "Authorization: Bearer $LLMLAB_API_KEY"' if api_key else ""
+        print(f"llmlab serve: serving {served.name} at {url} (OpenAI API under {url}/v1; Ctrl-C stops)\n"
+              f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
+              f"-d '{{\"prompt\": \"ROMEO:\", \"max_tokens\": 32}}'", flush=True)
+
+    def terminated(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        serve_forever(served, host=args.host, port=args.port, api_key=api_key, log_level=args.log_level,
+                      announce=announce, max_num_seqs=args.max_num_seqs, block_size=args.block_size)
+    except _Terminated:
+        print("llmlab serve: stopped (SIGTERM)", file=sys.stderr)
+        return 0
+    except KeyboardInterrupt:
+        print("llmlab serve: stopped (Ctrl-C)", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: uvicorn has shut down; leave quietly."""
+
+
+def _check_serve_options(args: argparse.Namespace) -> None:
+    from llmlab.parallel import ParallelConfigError
+    from llmlab.runtime import SettingError
+
+    if args.tp != 1:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if args.tp < 1 or world != args.tp:
+            raise ParallelConfigError(
+                f"--tp {args.tp} needs {args.tp} ranks, but this process is one of {world}: start one process per "
+                f"rank, torchrun --nproc-per-node {max(args.tp, 1)} -m llmlab serve --tp {max(args.tp, 1)} "
+                "(rank 0 serves HTTP).")
+    if not 0 <= args.port <= 65535:
+        raise SettingError(f"--port must be in 0..65535 (0 picks a free port), got {args.port}.")
+    for option, value in (("--max-num-seqs", args.max_num_seqs), ("--block-size", args.block_size)):
+        if value < 1:
+            raise SettingError(f"{option} must be ≥ 1, got {value}.")
+
+
+def _served_model(args: argparse.Namespace):
+    """The model ``serve`` serves: ``--model`` (a Hugging Face checkpoint) or ``--checkpoint`` (default built-in)."""
+    from llmlab.serve import BUILTIN_NAME, ServedModel
+
+    if args.model is not None:
+        from llmlab.hub import load_pretrained
+        from llmlab.runtime import device
+
+        pre = load_pretrained(args.model, device(args.device), dtype=args.dtype)
+        return ServedModel.from_pretrained(pre, args.served_model_name)
+    model, tokenizer, stop_ids = _load_for_generation(args)
+    name = args.served_model_name or (BUILTIN_NAME if args.checkpoint is None else Path(args.checkpoint).name)
+    return ServedModel(model, tokenizer, name, None, tuple(stop_ids))
+
+
+def cmd_bench(argv: list[str]) -> int:
+    """``llmlab bench ARGS`` = ``python -m llmlab.bench ARGS``."""
+    from llmlab.bench import main as bench_main
+
+    status = bench_main(argv)
+    return status if isinstance(status, int) else 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "train": cmd_train, "info": cmd_info, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -551,6 +680,9 @@ def main(argv: list[str] | None = None) -> int:
     from llmlab.tokenizer import TokenizerError, TokenizerFileError
     from llmlab.train import TrainingError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # every other argument is the benchmark's own
+        return cmd_bench(argv[1:])
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # reported by the command's name, as every other error of the command
