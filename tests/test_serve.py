@@ -443,3 +443,17 @@ def test_idle_callback_runs_only_while_idle(served):
     finally:
         loop.stop()
     assert not loop.running and len(calls) < 200  # no busy spin
+
+
+def test_the_listening_socket_is_tcp_so_that_asyncio_turns_nagle_off():
+    """asyncio sets TCP_NODELAY only on connections accepted from a socket made with IPPROTO_TCP; with Nagle
+    on, every small SSE chunk on a kept-alive connection waited ~40 ms for the client's delayed ACK."""
+    import socket
+
+    from llmlab.serve.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()

@@ -32,9 +32,14 @@ class ServerError(LlmlabError, RuntimeError):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port`` (port 0: a free one the system picks)."""
+    """A listening socket on ``host:port`` (port 0: a free one the system picks).
+
+    Made with ``IPPROTO_TCP`` named: asyncio turns Nagle's algorithm off (``TCP_NODELAY``) only on
+    connections accepted from such a socket.  With Nagle on, each small SSE chunk on a kept-alive
+    connection waits for the client's delayed ACK (~40 ms), which the TTFT would include.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
