@@ -116,6 +116,13 @@ class KVCache(StoreThenAttend):
         """Forget every position (the memory stays allocated)."""
         self.length = 0
 
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions, forget the rest (speculative decoding rolls back
+        rejected draft tokens this way, notebook 16); later writes overwrite the forgotten ones."""
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.length:
+            raise ValueError(f"truncate() keeps 0..{self.length} positions (the stored ones), got {length!r}.")
+        self.length = length
+
     @property
     def nbytes(self) -> int:
         """Bytes allocated for keys and values in all layers."""
