@@ -2,8 +2,10 @@
 
 Each benchmark reports ratios against a baseline measured in the same run, so
 the numbers compare across machines.  ``tokenizer`` is discussed in notebook 01, ``decode`` in
-notebook 09; ``serve`` (the engine's continuous batching vs static batches vs ``transformers``'
-``generate``, on the same weights) belongs to notebooks 11 and 14.
+notebook 09; ``compare`` (llmlab vs ``transformers`` on the same weights, the roofline) in notebook 16 (making it fast);
+``serve`` (the engine's continuous batching vs static batches vs ``transformers``'
+``generate``, on the same weights) belongs to notebooks 11 and 14; ``serve --url URL`` load-tests a
+running server over HTTP (TTFT, TPOT, ITL, throughput, goodput: notebook 15).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from llmlab.metrics import percentile  # one definition, shared with the HTTP load test (notebook 15)
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], None]] = {}
 
@@ -307,17 +311,6 @@ def serve_transformers(hf_model, workload: list[ServeRequest], batch: int = 16, 
                        cpu_seconds=time.process_time() - cpu)
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) of ``values``, linear between the closest ranks (NaN when empty)."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
 def serve_table(label: str, results: list[ServeResult]) -> str:
     """The printed table of one model: output tokens/s of each method (per wall second and per CPU second),
     the engine's ratio to each, and the engine's TTFT and TPOT percentiles."""
@@ -421,9 +414,13 @@ def _serve_estimate(model, workload: list[ServeRequest], batch: int, max_num_seq
 
 @benchmark("serve")
 def bench_serve(args: argparse.Namespace) -> None:
-    """Output tokens/s of the engine vs static batching vs transformers' generate (notebooks 11 and 14)."""
+    """Output tokens/s of the engine vs static batching vs transformers' generate (notebooks 11 and 14);
+    with ``--url``, a load test of a running OpenAI-compatible server instead (notebook 15)."""
     import torch
 
+    if args.url:
+        _serve_url(args)
+        return
     before = torch.get_num_threads()
     try:
         for threads in args.threads or [before]:
@@ -477,6 +474,62 @@ def _serve_run(args: argparse.Namespace) -> None:
         del model, hf
 
 
+@benchmark("compare")
+def bench_compare(args: argparse.Namespace) -> None:
+    """llmlab vs transformers on the same weights: batch-1 decode, the roofline and MBU, batched serving
+    (notebook 16); ``--fast`` shrinks everything and only checks that it runs and agrees."""
+    from llmlab.compare import run_compare
+
+    if args.fast:
+        run_compare(args.compare_models, n_new=8, prompt_len=8, repeats=1, requests=4, seed=args.seed, fast=True)
+    else:
+        run_compare(args.compare_models, repeats=args.repeat, requests=args.requests, seed=args.seed)
+
+
+URL_PROMPT_IDS = 256
+"""Prompt ids of the HTTP load test are drawn below this: every byte-level BPE vocabulary has these ids."""
+
+
+def _serve_url(args: argparse.Namespace) -> None:
+    """``serve --url``: drive a running server with the load generator and print its serving metrics."""
+    import httpx
+
+    from llmlab.metrics import SLO, list_models, run_load, summarize, summary_table
+
+    try:
+        model = list_models(args.url, args.api_key)[0]
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as err:
+        raise SystemExit(f"llmlab bench serve: no model listed at {args.url}/v1/models ({type(err).__name__}: {err}). "
+                         "Start a server first (llmlab serve --port 8000), check --url, and pass --api-key if it has "
+                         "one.") from None
+    context = int(model.get("max_model_len") or 256)
+    prompt_range, output_range = serve_lengths(context, (16, 128), (16, 128))
+    workload = serve_workload(args.requests, args.seed, URL_PROMPT_IDS, prompt_range, output_range)
+    mode = (f"concurrency {args.concurrency} (closed loop)" if args.concurrency
+            else f"Poisson arrivals at {args.rate:g} requests/s (open loop)")
+    print(f"\n{args.url} ({model['id']}, context {context}): {args.requests} streamed completions, seed {args.seed}, "
+          f"{mode}; prompts {prompt_range[0]}–{prompt_range[1]} token ids, max_tokens "
+          f"{output_range[0]}–{output_range[1]}, greedy", flush=True)
+    records = run_load(args.url, workload, rate=None if args.concurrency else args.rate,
+                       concurrency=args.concurrency, seed=args.seed, model=model["id"], api_key=args.api_key,
+                       timeout=args.timeout)
+    print(summary_table(summarize(records, SLO(ttft=args.slo_ttft, tpot=args.slo_tpot))))
+    errors = sorted({r.error for r in records if r.error})
+    for error in errors[:5]:
+        print(f"  error: {error}")
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     """An argparse type: a whole number ≥ 1."""
     try:
@@ -501,14 +554,32 @@ def main(argv: list[str] | None = None) -> None:
                         help="decode, serve: CPU thread counts to measure, one table each (default: torch's current)")
     parser.add_argument("--no-compile", action="store_true", help="decode: skip the compiled-step column")
     parser.add_argument("--requests", type=_positive_int, default=64,
-                        help="serve: number of requests (all arrive at t=0)")
-    parser.add_argument("--seed", type=int, default=0, help="serve: seed of the workload and the random weights")
+                        help="serve: number of requests (all arrive at t=0; with --url, as --rate or "
+                             "--concurrency says)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="serve: seed of the workload, the random weights and (--url) the arrivals")
     parser.add_argument("--batch", type=_positive_int, default=16,
                         help="serve: batch size of the static and transformers runs")
     parser.add_argument("--models", nargs="+", choices=SERVE_MODELS, default=list(SERVE_MODELS),
                         help="serve: which models to run")
     parser.add_argument("--rounds", type=_positive_int, default=1,
                         help="serve: run every method this many times (interleaved) and keep each one's fastest")
+    parser.add_argument("--compare-models", nargs="+", choices=("gpt2-124m", "course"), default=["gpt2-124m", "course"],
+                        help="compare: which models (gpt2-124m: weights written by transformers; course: the built-in one)")
+    parser.add_argument("--fast", action="store_true", help="compare: tiny sizes, one run each (a smoke test)")
+    parser.add_argument("--url", default=None,
+                        help="serve: load-test a running OpenAI-compatible server at this base URL instead "
+                             "(e.g. http://127.0.0.1:8000)")
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--rate", type=_positive_float, default=4.0,
+                      help="serve --url: Poisson arrivals, requests per second (default 4)")
+    load.add_argument("--concurrency", type=_positive_int, default=None,
+                      help="serve --url: this many clients, each sending its next request when its last ends")
+    parser.add_argument("--api-key", default=None, help="serve --url: sent as 'Authorization: Bearer KEY'")
+    parser.add_argument("--slo-ttft", type=_positive_float, default=0.2, help="serve --url: SLO on TTFT, seconds")
+    parser.add_argument("--slo-tpot", type=_positive_float, default=0.1, help="serve --url: SLO on TPOT, seconds")
+    parser.add_argument("--timeout", type=_positive_float, default=60.0,
+                        help="serve --url: seconds a connection or read may take before the request counts as failed")
     args = parser.parse_args(argv)
     for name, fn in BENCHMARKS.items():
         if args.name in (name, "all"):
