@@ -25,11 +25,12 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab $(ROOT_FLAG) course/
 
-# 1. unit tests, exercises, and every notebook under nbval (fast mode under CI=true);
-# 2. the notebooks again on PyTorch's portable kernels with one thread, as another CPU would compute;
+# 1. unit tests and every notebook under nbval (fast mode under CI=true);
+# 2. every notebook again, whole, on PyTorch's portable kernels with one thread, as another CPU would
+#    compute — with each exercise's solution and a wrong answer run after its cell (tests/test_exercises.py);
 # 3. the widgets in a real browser, or a clear line saying why not.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile --nbval-lax --ignore=tests/ui tests course
+	$(PY) -m pytest -n 2 --dist loadfile --nbval-lax --ignore=tests/ui -m "not notebook_run" tests course
 	@$(MAKE) --no-print-directory test-portable
 	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
 		$(MAKE) --no-print-directory test-ui; \
@@ -39,7 +40,8 @@ test: $(STAMP)
 	fi
 
 test-portable: $(STAMP)
-	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile --nbval-lax -p no:cacheprovider course
+	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist load -p no:cacheprovider \
+		-m notebook_run tests/test_exercises.py
 
 test-ui: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider tests/ui

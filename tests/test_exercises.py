@@ -1,10 +1,16 @@
 """Exercises ship unanswered; each check passes with its solution and fails with a wrong answer.
 
-The static tests read the committed notebooks. The kernel test runs each notebook
-(fast mode) up to its last exercise and, right after every exercise cell, runs in
-the same kernel: the solution, then the cell without its answer lines (must print
-✓); then, for each answer in turn, the same with that answer made wrong (must
-raise AssertionError). See course/AUTHORING.md.
+The static tests read the committed notebooks. The kernel test runs each whole notebook
+(fast mode) and, right after every exercise cell, runs in the same kernel: the
+solution, then the cell without its answer lines (must print ✓); then, for each
+answer in turn, the same with that answer made wrong (must raise AssertionError);
+then the exercise cell again, so the cells after it see what they see shipped.
+See course/AUTHORING.md.
+
+The kernel test is marked ``notebook_run``: ``make test`` runs it as its second pass, on
+PyTorch's portable kernels with one thread (``make test-portable``), so that this one run
+both proves the exercises and executes every notebook again as another CPU would — nbval
+has executed them once already in the first pass.
 """
 
 from __future__ import annotations
@@ -91,6 +97,7 @@ def _run(client, code: str, index: int):
 
 
 @pytest.mark.slow
+@pytest.mark.notebook_run
 @pytest.mark.parametrize("path", WITH_EXERCISES, ids=_ids(WITH_EXERCISES))
 def test_checks_pass_with_the_solution_and_fail_with_a_wrong_answer(path):
     import nbformat
@@ -99,13 +106,12 @@ def test_checks_pass_with_the_solution_and_fail_with_a_wrong_answer(path):
 
     notebook = nbformat.read(path, as_version=4)
     found = {e.index: e for e in exercises(path)}
-    last = max(found)
     client = NotebookClient(notebook, timeout=900, kernel_name="python3", allow_errors=False,
                             resources={"metadata": {"path": str(COURSE)}})
     failures = []
     with client.setup_kernel():
         _run(client, WRONG_ANSWER, -1)
-        for index, cell in enumerate(notebook.cells[: last + 1]):
+        for index, cell in enumerate(notebook.cells):
             if cell.cell_type != "code":
                 continue
             client.execute_cell(cell, index)
@@ -133,4 +139,5 @@ def test_checks_pass_with_the_solution_and_fail_with_a_wrong_answer(path):
                         failures.append(f"{where}: a wrong {name!r} raised something else: {str(err)[-300:]}")
                     continue
                 failures.append(f"{where}: a wrong {name!r} passed the check: {output_text(wrong)!r}")
+            _run(client, cell.source, index)  # the shipped (unanswered) state again, for the cells after it
     assert not failures, "\n".join(failures)
