@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compile", action="store_true",
                      help="compile the decode step with torch.compile: seconds to start, then faster tokens "
                           "(needs a C++ compiler on a CPU; see notebook 09)")
+    gen.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                     help="what the model computes in (notebook 16): auto (default) picks the fastest here that "
+                          "keeps quality — int8 weight-only on a CPU without bf16 units, bf16 on a GPU or a CPU "
+                          "with them — and says which; fp32 runs the exact model")
+    gen.add_argument("--draft", type=Path, default=None, metavar="CHECKPOINT",
+                     help="speculative decoding (notebook 16): an llmlab checkpoint of a small draft model with "
+                          "the same vocabulary proposes tokens the model checks in one pass (one prompt)")
+    gen.add_argument("--draft-k", type=int, default=4, help="with --draft: tokens proposed per round (default 4)")
 
     chat = sub.add_parser("chat", help="talk with a chat model: each line you type is a message (Ctrl-D ends)")
     chat.add_argument("--model", required=True, metavar="PATH_OR_HUB_ID", help=MODEL_HELP)
@@ -125,6 +133,8 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                        help="uvicorn's log level (default info)")
 
+
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "int8", "int4")  # = llmlab.precision.PRECISIONS (tested)
 
 MODEL_HELP = ("a Hugging Face checkpoint (GPT-2, Llama 2/3, Qwen2/2.5/3): a local folder with config.json, "
               "*.safetensors and tokenizer.json, or a hub id such as Qwen/Qwen2.5-0.5B-Instruct (downloaded once "
@@ -193,6 +203,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if len(prompts) > 1 and args.compile:
         raise GenerateError("--compile compiles one prompt's decode step; several prompts run through the "
                             "engine, which does not compile: leave --compile out, or give one prompt.")
+    _check_draft_options(args, prompts)
     if args.tp != 1:
         _check_world(args.tp)  # before loading: a large checkpoint takes a while to read
     model, tokenizer, stop_ids = _load_for_generation(args)
@@ -201,15 +212,72 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt_tokenizer = _PromptTokenizer(tokenizer, args.allow_special)
     for prompt in prompts:
         prompt_tokenizer.check(prompt, model.config.context_length)
+    draft = None if args.draft is None else _load_draft(args.draft, model)
+    model = _in_precision(model, args)  # (last: everything is checked before anything is printed)
     params = SamplingParams(**{**params.__dict__, "stop_ids": stop_ids})
     if len(prompts) > 1:
         return _generate_with_engine(model, tokenizer, prompt_tokenizer, prompts, params)
+    if args.draft is not None:
+        return _generate_speculatively(model, draft, tokenizer, prompt_tokenizer, prompts[0], params, args.draft_k)
     prompt = prompts[0]
     sys.stdout.write(prompt)
     for piece in stream_text(model, prompt_tokenizer, prompt, params, compiled=args.compile):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _in_precision(model, args: argparse.Namespace):
+    """The model in ``--precision`` (auto: the fastest here that keeps quality), saying which on stderr."""
+    from llmlab.precision import PrecisionError, apply, choose
+
+    needs_loaded = "--tp" if args.tp != 1 else "--compile" if args.compile else "--dtype" if args.dtype else None
+    choice = choose(args.precision, next(model.parameters()).device, full_precision_for=needs_loaded)
+    if args.tp != 1 and choice.precision in ("int8", "int4"):
+        raise PrecisionError(f"--precision {choice.precision} cannot be split over ranks (--tp): the tensor-parallel "
+                             "layers hold full-precision weights; use --precision fp32 or bf16 with --tp.")
+    model = apply(model, choice.precision)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"llmlab generate: {choice.describe()}", file=sys.stderr)
+    return model
+
+
+def _check_draft_options(args: argparse.Namespace, prompts: list[str]) -> None:
+    from llmlab.generate import GenerateError
+
+    if args.draft is None:
+        return
+    for conflict, given in (("several prompts", len(prompts) > 1), ("--tp", args.tp != 1),
+                            ("--compile", args.compile)):
+        if given:
+            raise GenerateError(f"--draft (speculative decoding) runs one prompt on one process, without "
+                                f"{conflict}: leave one of them out.")
+    if not 1 <= args.draft_k <= 64:
+        raise GenerateError(f"--draft-k must be between 1 and 64, got {args.draft_k}.")
+
+
+def _load_draft(folder: Path, model):
+    """The ``--draft`` checkpoint's model, checked against ``model`` (same vocabulary) before anything runs."""
+    from llmlab.checkpoint import load_checkpoint
+    from llmlab.speculative import check_pair
+
+    draft = load_checkpoint(folder, device=next(model.parameters()).device).model
+    check_pair(model, draft)
+    return draft
+
+
+def _generate_speculatively(model, draft, tokenizer, prompt_tokenizer, prompt: str, params, k: int) -> int:
+    """One prompt with a draft model proposing ``k`` tokens per round (notebook 16); the text is
+    printed when done (rounds accept several tokens at once), with the draft's acceptance on stderr."""
+    from llmlab.speculative import speculative_generate
+
+    result = speculative_generate(model, draft, prompt_tokenizer.encode(prompt), params, k=k)
+    shown = result.ids[:-1] if result.ids and result.ids[-1] in params.stop_ids else result.ids
+    sys.stdout.write(prompt + tokenizer.decode(shown) + "\n")
+    print(f"llmlab generate: speculative decoding, k={k}: {result.accepted} of {result.proposed} draft "
+          f"tokens accepted ({result.acceptance_rate:.0%}), {result.tokens_per_target_pass:.2f} tokens per pass of "
+          f"the model", file=sys.stderr)
     return 0
 
 

@@ -118,6 +118,7 @@ def decode_read_bytes(model: nn.Module, context: int = 0) -> float:
 def llmlab_variants(model: nn.Module, n_new: int) -> list[Variant]:
     """The optimisation steps measured, each a complete way to decode greedily with llmlab."""
     from llmlab.generate import generate_ids
+    from llmlab.precision import has_native_bf16
     from llmlab.quant import quantize_model
     from llmlab.sampling import SamplingParams
 
@@ -131,7 +132,7 @@ def llmlab_variants(model: nn.Module, n_new: int) -> list[Variant]:
                 Variant("llmlab, compiled decode step", model, decoder(model, compiled=True)),
                 Variant("llmlab, int8 weight-only", int8, decoder(int8),
                         "per-channel int8 weights, fp32 activations")]
-    if not _has_native_bf16():
+    if not has_native_bf16():
         variants.append(Variant("llmlab, bf16", model, None,
                                 "skipped: this CPU has no AVX-512-BF16 or AMX, so bf16 matmuls are emulated "
                                 "(slower than fp32)"))
@@ -139,15 +140,6 @@ def llmlab_variants(model: nn.Module, n_new: int) -> list[Variant]:
         bf16 = copy.deepcopy(model).to(torch.bfloat16)
         variants.append(Variant("llmlab, bf16", bf16, decoder(bf16)))
     return variants
-
-
-def _has_native_bf16() -> bool:
-    """bf16 matrix units on this CPU (AVX-512-BF16 or AMX); on AVX2 alone, bf16 is emulated."""
-    try:
-        flags = open("/proc/cpuinfo", encoding="utf-8").read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def transformers_decoder(hf: nn.Module, n_new: int) -> Callable[[list[int]], list[int]]:

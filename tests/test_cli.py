@@ -26,9 +26,10 @@ def test_generate_with_the_builtin_model():
 
 
 def test_generate_greedy_in_process(capsys):
-    assert main(["generate", "JULIET:", "--temperature", "0", "--max-new-tokens", "10"]) == 0
+    exact = ["--precision", "fp32"]
+    assert main(["generate", "JULIET:", "--temperature", "0", "--max-new-tokens", "10", *exact]) == 0
     first = capsys.readouterr().out
-    assert main(["generate", "JULIET:", "--temperature", "0", "--max-new-tokens", "10"]) == 0
+    assert main(["generate", "JULIET:", "--temperature", "0", "--max-new-tokens", "10", *exact]) == 0
     assert capsys.readouterr().out == first
     assert main(["generate", "JULIET:", "--temperature", "0", "--max-new-tokens", "10", "--compile"]) == 0
     # The compiled decode step writes the same text: its logits differ by ≤7e-6 (measured), the top-2 gap
@@ -79,7 +80,8 @@ def test_generate_into_a_closed_pipe():
         proc.stdout.close()
         stderr = proc.stderr.read().decode()
         assert proc.wait(timeout=120) == 1
-    assert "Traceback" not in stderr and stderr == ""
+    assert "Traceback" not in stderr and stderr.startswith("llmlab generate: precision ")
+    assert stderr.count("\n") == 1  # the precision it chose, and nothing else
 
 
 def test_corrupt_checkpoint_exits_1(tmp_path, capsys):
@@ -142,11 +144,11 @@ def test_several_prompts_run_through_the_engine(tmp_path, capsys):
     # Greedy: each prompt's text through the engine equals its text generated alone.
     alone = []
     for prompt in ("ROMEO:", "JULIET:"):
-        assert main(["generate", prompt, "--temperature", "0", "--max-new-tokens", "12"]) == 0
+        assert main(["generate", prompt, "--temperature", "0", "--max-new-tokens", "12", "--precision", "fp32"]) == 0
         alone.append(capsys.readouterr().out)
     (tmp_path / "prompts.txt").write_text("JULIET:\n\n", encoding="utf-8")
     assert main(["generate", "ROMEO:", "--prompts-file", str(tmp_path / "prompts.txt"), "--temperature", "0",
-                 "--max-new-tokens", "12"]) == 0
+                 "--max-new-tokens", "12", "--precision", "fp32"]) == 0
     captured = capsys.readouterr()
     blocks = captured.out.split("\n\n--- prompt 2 of 2")
     assert blocks[0] == "--- prompt 1 of 2 (length) ---\n" + alone[0].rstrip("\n")
@@ -208,7 +210,8 @@ def test_generate_with_a_hf_model(hf_folders, capsys):
     assert pre.tokenizer.encode("Hello 안녕")[0] == bos  # the base model's prompt starts as in training
     params = SamplingParams(temperature=0, max_new_tokens=12, stop_ids=pre.stop_ids)
     expected = "Hello 안녕" + generate_text(pre.model, _PlainIds(pre.tokenizer), "Hello 안녕", params) + "\n"
-    assert main(["generate", "--model", str(folder), "Hello 안녕", "--temperature", "0", "--max-new-tokens", "12"]) == 0
+    assert main(["generate", "--model", str(folder), "Hello 안녕", "--temperature", "0", "--max-new-tokens", "12",
+                 "--precision", "fp32"]) == 0
     assert capsys.readouterr().out == expected
     assert main(["generate", "--model", str(folder), "Hello", "--dtype", "bf16", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith("Hello")
@@ -221,7 +224,7 @@ def test_several_prompts_with_a_hf_model_run_through_the_engine(hf_folders, caps
                      "--max-new-tokens", "6", "--dtype", "fp32"]) == 0
         alone.append(capsys.readouterr().out)
     assert main(["generate", "--model", str(hf_folders / "qwen"), "Hello", "def f(x):", "--temperature", "0",
-                 "--max-new-tokens", "6"]) == 0
+                 "--max-new-tokens", "6", "--precision", "fp32"]) == 0
     blocks = capsys.readouterr().out.split("\n\n--- prompt 2 of 2")
     assert blocks[0].split("---\n", 1)[1] == alone[0].rstrip("\n")
     assert blocks[1].split("---\n", 1)[1] == alone[1]
@@ -324,3 +327,39 @@ def test_info_of_a_damaged_hf_model(hf_folders, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and "lack 'model.layers.2." in captured.err
     assert usage_error(["info", "--model", str(hf_folders / "llama"), "--checkpoint", "x"]) == 2
+
+
+def test_generate_runs_the_fastest_precision_by_default_and_says_which(capsys):
+    from llmlab.precision import PRECISIONS, fast_precision
+    from llmlab.__main__ import PRECISION_CHOICES
+
+    assert PRECISION_CHOICES == PRECISIONS
+    fast = fast_precision("cpu")  # int8 on a CPU without bf16 units, bf16 with them
+    args = ["generate", "JULIET:", "--temperature", "0", "--max-new-tokens", "8"]
+    assert main(args) == 0
+    auto = capsys.readouterr()
+    assert auto.err.startswith(f"llmlab generate: precision {fast} (")
+    assert main([*args, "--precision", fast]) == 0
+    chosen = capsys.readouterr()
+    assert chosen.out == auto.out and "as asked with --precision" in chosen.err
+    assert main([*args, "--compile"]) == 0  # the compiled step runs the model as loaded, and says so
+    assert "precision as loaded (--compile runs the model as loaded" in capsys.readouterr().err
+
+
+def test_generate_with_a_draft_gives_the_models_own_greedy_text(tmp_path, capsys):
+    from llmlab.checkpoint import load_checkpoint, save_checkpoint
+    from llmlab.model import Transformer
+    from llmlab.speculative import draft_config
+
+    ckpt = load_checkpoint()
+    draft = Transformer(draft_config(ckpt.model.config, d_model=32, n_layers=1, n_heads=2))
+    save_checkpoint(tmp_path / "draft", draft, ckpt.tokenizer)
+    args = ["generate", "JULIET:", "--temperature", "0", "--max-new-tokens", "12", "--precision", "fp32"]
+    assert main(args) == 0
+    alone = capsys.readouterr().out
+    assert main([*args, "--draft", str(tmp_path / "draft"), "--draft-k", "3"]) == 0
+    drafted = capsys.readouterr()
+    assert drafted.out == alone  # greedy speculative decoding = the model alone, whatever the draft proposes
+    assert "speculative decoding, k=3:" in drafted.err and "draft tokens accepted" in drafted.err
+    assert main([*args[:2], "ROMEO:", *args[2:], "--draft", str(tmp_path / "draft")]) == 2
+    assert "--draft (speculative decoding) runs one prompt" in capsys.readouterr().err

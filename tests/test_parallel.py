@@ -284,7 +284,7 @@ def test_an_engine_on_a_following_rank_says_to_follow_instead():
 
 # -- the command line under torchrun ---------------------------------------------------------------
 
-GENERATE = ["-m", "llmlab", "generate", "ROMEO:", "--temperature", "0", "--max-new-tokens", "12"]
+GENERATE = ["-m", "llmlab", "generate", "ROMEO:", "--temperature", "0", "--max-new-tokens", "12", "--precision", "fp32"]
 
 
 def generate(*more_prompts: str) -> list[str]:
