@@ -483,7 +483,8 @@ def bench_compare(args: argparse.Namespace) -> None:
     if args.fast:
         run_compare(args.compare_models, n_new=8, prompt_len=8, repeats=1, requests=4, seed=args.seed, fast=True)
     else:
-        run_compare(args.compare_models, repeats=args.repeat, requests=args.requests, seed=args.seed)
+        run_compare(args.compare_models, repeats=args.repeat, requests=args.requests, seed=args.seed,
+                    serve=not args.no_serve)
 
 
 URL_PROMPT_IDS = 256
@@ -567,6 +568,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare-models", nargs="+", choices=("gpt2-124m", "course"), default=["gpt2-124m", "course"],
                         help="compare: which models (gpt2-124m: weights written by transformers; course: the built-in one)")
     parser.add_argument("--fast", action="store_true", help="compare: tiny sizes, one run each (a smoke test)")
+    parser.add_argument("--no-serve", action="store_true",
+                        help="compare: batch-1 decode and the roofline only (GPT-2's serving run takes ~10 minutes)")
     parser.add_argument("--url", default=None,
                         help="serve: load-test a running OpenAI-compatible server at this base URL instead "
                              "(e.g. http://127.0.0.1:8000)")

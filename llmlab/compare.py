@@ -9,7 +9,7 @@ busy spell of a shared machine slows them alike.  What is printed:
 * batch-1 greedy decode tokens/s of each variant (llmlab eager, compiled, int8
   weight-only, …) beside ``transformers``' ``generate``, with the ratio and whether the
   tokens are the same;
-* the roofline: this machine's copy bandwidth, the bytes a decode step reads (every
+* the roofline: this machine's read bandwidth, the bytes a decode step reads (every
   matrix once, and the KV cache so far), the tokens/s that reading alone allows, and
   the fraction of it reached (MBU);
 * batched serving: notebook 11's workload through the engine and through
@@ -200,12 +200,12 @@ def same_until(tokens: list[int], want: list[int]) -> int:
     return n
 
 
-def decode_table(reference: DecodeRow, rows: list[DecodeRow], n_new: int, bandwidth: float) -> str:
-    """The batch-1 table: tokens/s, × transformers, bytes per step, read roofline, MBU, same tokens."""
+def decode_table(reference: DecodeRow, rows: list[DecodeRow], n_new: int, read_rate: float) -> str:
+    """The batch-1 table: tokens/s, × transformers, bytes per step, read roofline (``read_rate`` bytes/s ÷
+    bytes per step), MBU, same tokens."""
     from llmlab.calc import human_bytes
     from llmlab.metrics import mbu
 
-    read_rate = bandwidth / 2  # a copy's bandwidth counts its reads and its writes; a decode step mostly reads
     base = reference.tokens_per_second(n_new)
     lines = [f"| variant | tok/s | × transformers | bytes read per token | read roofline tok/s | MBU | same tokens |",
              "|---|---|---|---|---|---|---|",
@@ -229,11 +229,11 @@ def run_compare(names: list[str], *, n_new: int = 128, prompt_len: int = 32, rep
     """Print every table for every model; return the decode measurements (for tests and notebook 16)."""
     from llmlab.bench import serve_engine, serve_lengths, serve_table, serve_transformers, serve_workload
     from llmlab.calc import human_bytes
-    from llmlab.metrics import measure_copy_bandwidth
+    from llmlab.metrics import measure_read_bandwidth
 
-    bandwidth = measure_copy_bandwidth(32 * 2**20 if fast else 256 * 2**20)
-    print(f"copy bandwidth here: {bandwidth / 1e9:.1f} GB/s (read + write, torch tensor copy); a decode step mostly "
-          f"reads, so its read roofline is taken as {bandwidth / 2e9:.1f} GB/s ÷ bytes read per token. "
+    read_rate = measure_read_bandwidth(32 * 2**20 if fast else 256 * 2**20)
+    print(f"read bandwidth here: {read_rate / 1e9:.1f} GB/s (a sum over {32 if fast else 256} MiB of float32); a "
+          f"decode step reads every weight once, so its roofline is this ÷ the bytes it reads. "
           f"{torch.get_num_threads()} CPU thread(s); runs interleaved, medians of {repeats}.", flush=True)
     results = {}
     for name in names:
@@ -244,7 +244,7 @@ def run_compare(names: list[str], *, n_new: int = 128, prompt_len: int = 32, rep
         print(f"batch 1, greedy: a {prompt_len}-token prompt, {n_new} new tokens", flush=True)
         reference, rows = measure_decode(llmlab_variants(ours, n_new), transformers_decoder(hf, n_new), prompt, n_new,
                                          repeats)
-        print(decode_table(reference, rows, n_new, bandwidth), flush=True)
+        print(decode_table(reference, rows, n_new, read_rate), flush=True)
         results[name] = (reference, rows)
         if serve:
             prompt_range, output_range = serve_lengths(ours.config.context_length)

@@ -285,6 +285,25 @@ def measure_copy_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 7, device:
     return 2 * n * 4 / _median_seconds(copy, repeats)
 
 
+def measure_read_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 7, device: str = "cpu") -> float:
+    """Bytes per second this machine *reads*, as a sum over ``n_bytes`` of float32 sees it (median of ``repeats``).
+
+    A decode step reads every weight once and writes almost nothing, so this — not a copy, which
+    also writes — is the rate its roofline divides by (notebook 16).  Pick ``n_bytes`` well above
+    the last-level cache (the default, 256 MiB, is).
+    """
+    import torch
+
+    src = torch.ones(max(1, n_bytes // 4), dtype=torch.float32, device=device)
+
+    def read():
+        src.sum()
+        if src.is_cuda:
+            torch.cuda.synchronize()
+
+    return src.numel() * 4 / _median_seconds(read, repeats)
+
+
 def measure_matmul_flops(n: int = 1024, repeats: int = 5, device: str = "cpu", dtype: str = "float32") -> float:
     """FLOP/s of one ``n × n`` by ``n × n`` matrix product here (2·n³ FLOPs, median of ``repeats``).
 

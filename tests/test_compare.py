@@ -45,7 +45,7 @@ def test_the_table_reports_ratios_and_first_disagreement():
     ref = DecodeRow("transformers", 2.0, [1, 2, 3, 4], float("nan"))
     rows = [DecodeRow("fast", 1.0, [1, 2, 3, 4], 1e6), DecodeRow("off", 4.0, [1, 2, 9, 4], 1e6),
             DecodeRow("skipped", float("nan"), [], 1e6, "skipped: no compiler")]
-    table = decode_table(ref, rows, 4, bandwidth=2e6)  # read roofline: 1e6 B/s ÷ 1e6 B = 1 tok/s
+    table = decode_table(ref, rows, 4, read_rate=1e6)  # read roofline: 1e6 B/s ÷ 1e6 B = 1 tok/s
     assert "| fast | 4.0 | 2.00× | 1.0 MB | 1.0 | 400% | yes |" in table
     assert "| off | 1.0 | 0.50× | 1.0 MB | 1.0 | 100% | first 2 of 4 |" in table
     assert "skipped: no compiler" in table
@@ -61,4 +61,4 @@ def test_bench_compare_runs_end_to_end_in_fast_mode(capsys):
     assert eager.split("|")[7].strip() == "yes"  # the same greedy tokens as transformers, on the same weights
     assert "| transformers generate, fp32 |" in printed and "| llmlab, int8 weight-only |" in printed
     assert "engine (continuous batching)" in printed and "transformers generate (padded)" in printed
-    assert "copy bandwidth here:" in printed
+    assert "read bandwidth here:" in printed

@@ -205,3 +205,10 @@ def test_payload_uses_only_openai_fields():
 def test_sse_events_parse_data_lines_and_done():
     lines = ['data: {"choices": [{"text": "a"}]}', "", ": keep-alive", "data: [DONE]"]
     assert list(metrics.sse_events(lines)) == [{"choices": [{"text": "a"}]}, None]
+
+
+def test_read_bandwidth_is_bytes_read_over_the_time_a_sum_takes(monkeypatch):
+    import llmlab.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_median_seconds", lambda fn, repeats: (fn(), 0.5)[1])
+    assert metrics.measure_read_bandwidth(n_bytes=4 * 1000) == 4 * 1000 / 0.5  # 1000 floats read in 0.5 s
