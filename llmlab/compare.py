@@ -131,7 +131,7 @@ def llmlab_variants(model: nn.Module, n_new: int) -> list[Variant]:
     variants = [Variant("llmlab, eager fp32 (KV cache)", model, decoder(model)),
                 Variant("llmlab, compiled decode step", model, decoder(model, compiled=True)),
                 Variant("llmlab, int8 weight-only", int8, decoder(int8),
-                        "per-channel int8 weights, fp32 activations")]
+                        "per-channel int8 weights; bf16 activations inside PyTorch's kernel")]
     if not has_native_bf16():
         variants.append(Variant("llmlab, bf16", model, None,
                                 "skipped: this CPU has no AVX-512-BF16 or AMX, so bf16 matmuls are emulated "
