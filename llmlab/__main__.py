@@ -650,10 +650,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _split_over_ranks(served.model, args.tp, SamplingParams(temperature=0))
         comm = served.model.tp_comm
         if comm.rank != 0:  # rank 0 schedules and serves; this rank runs the batches it sends, until it stops
-            from llmlab.serve.parallel import follow_server
+            from llmlab.parallel.engine import follow
 
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every rank: rank 0 stops this one
-            follow_server(served.model, comm)
+            follow(served.model, comm)
             return 0
     api_key = args.api_key if args.api_key is not None else os.environ.get("LLMLAB_API_KEY") or None
     if not is_loopback(args.host):

@@ -23,6 +23,9 @@ from llmlab.parallel.comm import Comm
 from llmlab.parallel.launch import ParallelSetupError
 
 STOP = -1
+HEARTBEAT = -2
+"""A batch length that means "still here, nothing to run": an idle server's rank 0 sends it so that the
+followers' collectives do not time out (``llmlab.serve.parallel``); :func:`follow` skips it."""
 """A batch length that tells the other ranks to stop following."""
 
 
@@ -70,13 +73,18 @@ class BroadcastRunner(ModelRunner):
         self.comm.broadcast(message)
         return batch.finishing, self.run_packed(batch.ids, batch.positions, batch.slots, batch.spans, batch.last)
 
+    def heartbeat(self) -> None:
+        """Tell the other ranks this one is alive, with nothing to run (an idle server, notebook 15)."""
+        self.comm.broadcast(torch.tensor([HEARTBEAT]))
+
     def stop(self) -> None:
         """Tell the other ranks that no batch will follow."""
         self.comm.broadcast(torch.tensor([STOP]))
 
 
 def follow(model: torch.nn.Module, comm: Comm) -> int:
-    """On a rank other than 0: build the pool rank 0 announces, run every batch it sends, until it stops.
+    """On a rank other than 0: build the pool rank 0 announces, run every batch it sends (skipping
+    heartbeats), until it stops.
 
     Returns the number of forward passes run.
     """
@@ -90,4 +98,5 @@ def follow(model: torch.nn.Module, comm: Comm) -> int:
             length = int(comm.broadcast(torch.zeros(1, dtype=torch.long))[0])
             if length == STOP:
                 return runner.forward_passes
-            runner.run_packed(*decode(comm.broadcast(torch.zeros(length, dtype=torch.long))))
+            if length != HEARTBEAT:
+                runner.run_packed(*decode(comm.broadcast(torch.zeros(length, dtype=torch.long))))

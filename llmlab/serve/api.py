@@ -145,9 +145,9 @@ def _engine_loop(engine: Engine, metrics: ServerMetrics) -> EngineLoop:
     comm = getattr(engine.runner, "comm", None)
     if comm is None or comm.world_size <= 1:
         return EngineLoop(engine, metrics)
-    from llmlab.serve.parallel import heartbeat, heartbeat_seconds
+    from llmlab.serve.parallel import heartbeat_seconds
 
-    return EngineLoop(engine, metrics, on_idle=lambda: heartbeat(comm), idle_interval=heartbeat_seconds())
+    return EngineLoop(engine, metrics, on_idle=engine.runner.heartbeat, idle_interval=heartbeat_seconds())
 
 
 def _add_routes(app: FastAPI, state: ServingState) -> None:
